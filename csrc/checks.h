@@ -1,0 +1,44 @@
+// Argument validation shared by the CPU and CUDA host code of every spallm op. Each check names
+// the op and the argument, and raises the Python exception type users expect:
+//   TORCH_CHECK_TYPE  -> TypeError   (wrong dtype)
+//   TORCH_CHECK_VALUE -> ValueError  (wrong shape, size, range, layout)
+//   TORCH_CHECK       -> RuntimeError (wrong device)
+#pragma once
+#include <ATen/core/Tensor.h>
+
+namespace spallm {
+
+// Everything a kernel needs to know about one sketched weight, read off (codes, lut).
+struct LutShape {
+  int64_t N = 0;          // out_features (rows of W)
+  int64_t K = 0;          // in_features (columns of W)
+  int64_t G = 0;          // groups per row
+  int64_t E = 0;          // LUT entries per (row, group) = 2^bits
+  int64_t group_size = 0; // K / G
+  int64_t row_bytes = 0;  // bytes per packed code row
+  int bits = 0;
+};
+
+// 4 -> 2, 8 -> 3, 16 -> 4; anything else is a ValueError naming `arg`.
+int bits_from_entries(int64_t entries, const char* op, const char* arg);
+
+// codes: uint8 [N, row_bytes], contiguous. lut: float [N, G, 2^b], contiguous. Returns the shape.
+// `lut` may be undefined when only the code shape matters (lut_grad), then G and E come from
+// groups/entries.
+LutShape check_codes_lut(const char* op, const at::Tensor& codes, const at::Tensor& lut);
+LutShape check_codes_groups(const char* op, const at::Tensor& codes, int64_t groups, int64_t entries);
+
+// A floating input: dtype in {fp32, bf16, fp16} (+ fp64 when allow_double), last dim == features.
+void check_activation(const char* op, const char* arg, const at::Tensor& t, int64_t features,
+                      bool allow_double);
+
+// Same device as `ref`; RuntimeError naming both otherwise.
+void check_same_device(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
+                       const at::Tensor& ref);
+
+// Number of tokens of a [..., features] tensor.
+inline int64_t tokens_of(const at::Tensor& t) {
+  return t.dim() == 0 ? 0 : t.numel() / std::max<int64_t>(t.size(-1), 1);
+}
+
+}  // namespace spallm

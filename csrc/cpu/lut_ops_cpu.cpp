@@ -1,0 +1,182 @@
+// Exact CPU kernels of the spallm ops (also the fallback users run without a GPU).
+//
+// All four ops share one idea: W is never built whole. Rows of W are decoded a tile at a time
+// (about 1M values, 4 MB in fp32, so a tile stays in L2/L3) into the accumulation type, and the
+// tile goes through BLAS (at::mm, already multi-threaded); the decode itself runs over rows with
+// at::parallel_for (OpenMP). Memory beyond inputs and outputs is O(tile):
+//   lut_linear:    y[:, tile]  = x  @ W_tile^T
+//   lut_linear_dx: dx         += dy[:, tile] @ W_tile
+//   lut_grad:      dW_tile     = dy[:, tile]^T @ x, then each row of dW_tile is reduced into its
+//                  (group, code) buckets in column order: deterministic.
+// Accumulation is fp32, or fp64 when the activations are fp64 (gradcheck).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "codes.h"
+
+namespace spallm {
+namespace {
+
+constexpr int64_t kTileElems = int64_t(1) << 20;
+
+int64_t tile_rows(const LutShape& s) {
+  return std::max<int64_t>(1, std::min<int64_t>(s.N, kTileElems / std::max<int64_t>(s.K, 1)));
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// out[r - r0, c] = lut[r, c / group_size, code[r, c]] for rows r0 .. r0 + rows.
+template <int BITS, typename lut_t, typename out_t>
+void decode_rows(const LutShape& s, const uint8_t* codes, const lut_t* lut, int64_t r0, int64_t rows,
+                 out_t* out) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint8_t* crow = codes + (r0 + i) * s.row_bytes;
+      const lut_t* lrow = lut + (r0 + i) * s.G * s.E;
+      out_t* orow = out + i * s.K;
+      for (int64_t g = 0; g < s.G; ++g) {
+        const lut_t* table = lrow + g * s.E;
+        const int64_t c0 = g * s.group_size;
+        for (int64_t c = c0; c < c0 + s.group_size; ++c) {
+          orow[c] = static_cast<out_t>(table[code_at<BITS>(crow, c)]);
+        }
+      }
+    }
+  });
+}
+
+// Rows r0 .. r0 + rows of W as a fresh [rows, K] tensor of dtype `out_type`.
+at::Tensor decode_tile(const LutShape& s, const at::Tensor& codes, const at::Tensor& lut, int64_t r0,
+                       int64_t rows, at::ScalarType out_type) {
+  at::Tensor out = at::empty({rows, s.K}, lut.options().dtype(out_type));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lut.scalar_type(), "spallm_decode_lut", [&] {
+    using lut_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_type, "spallm_decode_out", [&] {
+      SPALLM_DISPATCH_BITS(s.bits, [&] {
+        decode_rows<BITS>(s, codes.data_ptr<uint8_t>(), lut.data_ptr<lut_t>(), r0, rows,
+                          out.data_ptr<scalar_t>());
+      });
+    });
+  });
+  return out;
+}
+
+std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> v(sizes.begin(), sizes.end());
+  v.back() = last;
+  return v;
+}
+
+at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut,
+                          const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "spallm.lut_linear";
+  const LutShape s = check_codes_lut(op, codes, lut);
+  check_activation(op, "x", x, s.K, /*allow_double=*/true);
+  check_same_device(op, "x", x, "codes", codes);
+  if (bias.has_value()) {
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": argument 'bias' must have x's dtype (",
+                     x.scalar_type(), "), got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.N, op, ": argument 'bias' must have shape [",
+                      s.N, "], got ", bias->sizes());
+    check_same_device(op, "bias", *bias, "x", x);
+  }
+  const at::ScalarType acc = acc_type(x.scalar_type());
+  const at::Tensor xa = x.reshape({-1, s.K}).to(acc).contiguous();
+  const int64_t M = xa.size(0);
+  at::Tensor y = at::empty({M, s.N}, x.options().dtype(acc));
+  if (M > 0) {
+    const int64_t step = tile_rows(s);
+    for (int64_t r0 = 0; r0 < s.N; r0 += step) {
+      const int64_t rows = std::min(step, s.N - r0);
+      const at::Tensor w = decode_tile(s, codes, lut, r0, rows, acc);
+      y.narrow(1, r0, rows).copy_(at::mm(xa, w.t()));
+    }
+    if (bias.has_value()) y.add_(bias->to(acc));
+  }
+  return y.to(x.scalar_type()).reshape(with_last(x.sizes(), s.N));
+}
+
+at::Tensor lut_linear_dx_cpu(const at::Tensor& dy, const at::Tensor& codes, const at::Tensor& lut) {
+  constexpr const char* op = "spallm.lut_linear_dx";
+  const LutShape s = check_codes_lut(op, codes, lut);
+  check_activation(op, "dy", dy, s.N, /*allow_double=*/true);
+  check_same_device(op, "dy", dy, "codes", codes);
+  const at::ScalarType acc = acc_type(dy.scalar_type());
+  const at::Tensor dya = dy.reshape({-1, s.N}).to(acc).contiguous();
+  const int64_t M = dya.size(0);
+  at::Tensor dx = at::zeros({M, s.K}, dy.options().dtype(acc));
+  if (M > 0) {
+    const int64_t step = tile_rows(s);
+    for (int64_t r0 = 0; r0 < s.N; r0 += step) {
+      const int64_t rows = std::min(step, s.N - r0);
+      dx.addmm_(dya.narrow(1, r0, rows), decode_tile(s, codes, lut, r0, rows, acc));
+    }
+  }
+  return dx.to(dy.scalar_type()).reshape(with_last(dy.sizes(), s.K));
+}
+
+template <int BITS, typename acc_t>
+void reduce_into_buckets(const LutShape& s, const uint8_t* codes, const acc_t* dw, int64_t r0,
+                         int64_t rows, acc_t* dlut) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint8_t* crow = codes + (r0 + i) * s.row_bytes;
+      const acc_t* drow = dw + i * s.K;
+      acc_t* lrow = dlut + (r0 + i) * s.G * s.E;
+      for (int64_t g = 0; g < s.G; ++g) {
+        acc_t* bucket = lrow + g * s.E;
+        const int64_t c0 = g * s.group_size;
+        for (int64_t c = c0; c < c0 + s.group_size; ++c) bucket[code_at<BITS>(crow, c)] += drow[c];
+      }
+    }
+  });
+}
+
+at::Tensor lut_grad_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& codes,
+                        int64_t groups_per_row, int64_t num_entries) {
+  constexpr const char* op = "spallm.lut_grad";
+  const LutShape s = check_codes_groups(op, codes, groups_per_row, num_entries);
+  check_activation(op, "dy", dy, s.N, /*allow_double=*/true);
+  check_activation(op, "x", x, s.K, /*allow_double=*/true);
+  check_same_device(op, "dy", dy, "codes", codes);
+  check_same_device(op, "x", x, "codes", codes);
+  TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), op, ": arguments 'dy' and 'x' must have one dtype, got ",
+                   dy.scalar_type(), " and ", x.scalar_type());
+  const at::ScalarType acc = acc_type(x.scalar_type());
+  const at::Tensor dya = dy.reshape({-1, s.N}).to(acc);
+  const at::Tensor xa = x.reshape({-1, s.K}).to(acc).contiguous();
+  TORCH_CHECK_VALUE(dya.size(0) == xa.size(0), op, ": arguments 'dy' and 'x' must have the same number of "
+                    "tokens, got ", dya.size(0), " and ", xa.size(0));
+  at::Tensor dlut = at::zeros({s.N, s.G, s.E}, x.options().dtype(acc));
+  if (xa.size(0) == 0) return dlut;
+  const int64_t step = tile_rows(s);
+  for (int64_t r0 = 0; r0 < s.N; r0 += step) {
+    const int64_t rows = std::min(step, s.N - r0);
+    const at::Tensor dw = at::mm(dya.narrow(1, r0, rows).t(), xa).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(acc, "spallm_lut_grad", [&] {
+      SPALLM_DISPATCH_BITS(s.bits, [&] {
+        reduce_into_buckets<BITS>(s, codes.data_ptr<uint8_t>(), dw.data_ptr<scalar_t>(), r0, rows,
+                                  dlut.data_ptr<scalar_t>());
+      });
+    });
+  }
+  return dlut;
+}
+
+at::Tensor lut_decode_cpu(const at::Tensor& codes, const at::Tensor& lut) {
+  const LutShape s = check_codes_lut("spallm.lut_decode", codes, lut);
+  return decode_tile(s, codes, lut, 0, s.N, lut.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(spallm, CPU, m) {
+  m.impl("lut_linear", &lut_linear_cpu);
+  m.impl("lut_linear_dx", &lut_linear_dx_cpu);
+  m.impl("lut_grad", &lut_grad_cpu);
+  m.impl("lut_decode", &lut_decode_cpu);
+}
+
+}  // namespace spallm

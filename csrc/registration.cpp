@@ -1,0 +1,45 @@
+// The one list of spallm op schemas, and the Python module `spallm_ext._C` that carries them.
+// Kernels register per backend elsewhere: csrc/cpu/lut_ops_cpu.cpp (CPU), csrc/cuda/ops.cpp (CUDA).
+// Fake (meta) and autograd registrations live in python/spallm_ext/ops.py.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <string>
+
+TORCH_LIBRARY(spallm, m) {
+  // y = x W^T (+ bias), W[r, c] = lut[r, c / (K/G), code[r, c]]; x: [..., K] -> y: [..., N].
+  m.def("lut_linear(Tensor x, Tensor codes, Tensor lut, Tensor? bias=None) -> Tensor");
+  // dx = dy W; dy: [..., N] -> dx: [..., K].
+  m.def("lut_linear_dx(Tensor dy, Tensor codes, Tensor lut) -> Tensor");
+  // dlut[r, g, k] = sum over columns c of group g with code k of (dy^T x)[r, c], fp32 (fp64 for
+  // fp64 inputs). groups_per_row and num_entries fix the LUT shape, which the codes alone don't.
+  m.def("lut_grad(Tensor dy, Tensor x, Tensor codes, int groups_per_row, int num_entries) -> Tensor");
+  // Dense W [N, K] in the LUT's dtype (export, merge, debugging).
+  m.def("lut_decode(Tensor codes, Tensor lut) -> Tensor");
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "spallm_ext native library: registers the torch.ops.spallm operators";
+  m.def("build_info", [] {
+    py::dict d;
+    d["torch_version"] = std::string(SPALLM_TORCH_VERSION);
+    d["compiler"] = std::string(SPALLM_CXX_COMPILER);
+#ifdef SPALLM_WITH_OPENMP
+    d["openmp"] = true;
+#else
+    d["openmp"] = false;
+#endif
+#ifdef SPALLM_WITH_CUDA
+    d["cuda"] = true;
+    d["cuda_archs"] = std::string(SPALLM_CUDA_ARCHS);
+    d["cuda_compiler"] = std::string(SPALLM_CUDA_COMPILER);
+#else
+    d["cuda"] = false;
+    d["cuda_archs"] = std::string();
+    d["cuda_compiler"] = std::string();
+#endif
+    return d;
+  });
+}

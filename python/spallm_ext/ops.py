@@ -1,0 +1,95 @@
+"""Python face of the torch.ops.spallm operators.
+
+The schemas and kernels are C++ (csrc/registration.cpp, csrc/cpu, csrc/cuda). Here each op gets a
+fake (meta) implementation, so torch.compile and opcheck can trace it, and lut_linear gets its
+autograd formula, whose backward is two more spallm ops (lut_linear_dx, lut_grad): dense W or dW
+never appear. No Python custom_op sits on the hot path.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_ENTRIES_TO_BITS = {4: 2, 8: 3, 16: 4}
+
+
+def lut_linear(x: Tensor, codes: Tensor, lut: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x W^T (+ bias) with W[r, c] = lut[r, c // (K/G), code[r, c]]; x: [..., K] -> [..., N]."""
+    return torch.ops.spallm.lut_linear(x, codes, lut, bias)
+
+
+def lut_linear_dx(dy: Tensor, codes: Tensor, lut: Tensor) -> Tensor:
+    """dx = dy W; dy: [..., N] -> [..., K]."""
+    return torch.ops.spallm.lut_linear_dx(dy, codes, lut)
+
+
+def lut_grad(dy: Tensor, x: Tensor, codes: Tensor, groups_per_row: int, num_entries: int) -> Tensor:
+    """dlut[r, g, k]: sum of (dy^T x)[r, c] over the columns c of group g whose code is k (fp32)."""
+    return torch.ops.spallm.lut_grad(dy, x, codes, groups_per_row, num_entries)
+
+
+def lut_decode(codes: Tensor, lut: Tensor) -> Tensor:
+    """Dense W [N, K] in the LUT's dtype (export, merging, debugging)."""
+    return torch.ops.spallm.lut_decode(codes, lut)
+
+
+def _in_features(codes: Tensor, entries: int) -> int:
+    bits = _ENTRIES_TO_BITS.get(int(entries))
+    torch._check(bits is not None, lambda: f"lut must have 4, 8 or 16 entries, got {entries}")
+    nbytes = codes.shape[1]
+    return nbytes // 3 * 8 if bits == 3 else nbytes * 8 // bits
+
+
+def _check_lut_shape(codes: Tensor, lut: Tensor) -> None:
+    torch._check(codes.dim() == 2, lambda: f"codes must be 2-D, got {codes.dim()}-D")
+    torch._check(lut.dim() == 3, lambda: f"lut must be 3-D, got {lut.dim()}-D")
+    torch._check(lut.shape[0] == codes.shape[0], lambda: "lut and codes must have the same out_features")
+
+
+@torch.library.register_fake("spallm::lut_linear")
+def _lut_linear_fake(x, codes, lut, bias=None):
+    _check_lut_shape(codes, lut)
+    torch._check(x.shape[-1] == _in_features(codes, lut.shape[-1]), lambda: "x's last dim != in_features")
+    return x.new_empty((*x.shape[:-1], lut.shape[0]))
+
+
+@torch.library.register_fake("spallm::lut_linear_dx")
+def _lut_linear_dx_fake(dy, codes, lut):
+    _check_lut_shape(codes, lut)
+    torch._check(dy.shape[-1] == lut.shape[0], lambda: "dy's last dim != out_features")
+    return dy.new_empty((*dy.shape[:-1], _in_features(codes, lut.shape[-1])))
+
+
+@torch.library.register_fake("spallm::lut_grad")
+def _lut_grad_fake(dy, x, codes, groups_per_row, num_entries):
+    torch._check(codes.dim() == 2, lambda: "codes must be 2-D")
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((codes.shape[0], groups_per_row, num_entries), dtype=dtype)
+
+
+@torch.library.register_fake("spallm::lut_decode")
+def _lut_decode_fake(codes, lut):
+    _check_lut_shape(codes, lut)
+    return lut.new_empty((codes.shape[0], _in_features(codes, lut.shape[-1])))
+
+
+def _setup_context(ctx, inputs, output):
+    x, codes, lut, bias = inputs
+    ctx.save_for_backward(x, codes, lut)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy):
+    x, codes, lut = ctx.saved_tensors
+    dx = dlut = dbias = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.spallm.lut_linear_dx(dy, codes, lut)
+    if ctx.needs_input_grad[2]:
+        dlut = torch.ops.spallm.lut_grad(dy, x, codes, lut.shape[1], lut.shape[2]).to(lut.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+        dbias = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=acc).to(ctx.bias_dtype)
+    return dx, None, dlut, dbias
+
+
+torch.library.register_autograd("spallm::lut_linear", _backward, setup_context=_setup_context)
