@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One full validation on the GPU machine (see ../shared/notes/gpu.md): build with CUDA, run the
+# whole test suite, compute-sanitizer (memcheck + racecheck) on the CUDA tests, then benchmarks.
+# Everything goes to $OUT (logs + JSON). Usage: bash bench/gpu_validate.sh [build|test|sanitize|bench]...
+set -uo pipefail
+export PYTHONUNBUFFERED=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
+OUT=${OUT:-/tmp/spallm_out}; mkdir -p "$OUT"
+steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(build test sanitize bench)
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+for s in "${steps[@]}"; do
+  case $s in
+    build)
+      # The machine starts bare: a _C*.so carried from an earlier call is reused when it loads
+      # and has CUDA; otherwise build (in place, so PYTHONPATH=python finds it).
+      if ! python3 -c "import spallm_ext; assert spallm_ext.build_info()['cuda']" 2>/dev/null; then
+        rm -f python/spallm_ext/_C*.so
+        ( time python3 -m pip install --no-build-isolation --no-deps -e . ) > "$OUT/build.log" 2>&1
+        tail -5 "$OUT/build.log"
+      fi
+      cp python/spallm_ext/_C*.so "$OUT/" 2>/dev/null
+      python3 -c "import spallm_ext, json; print(json.dumps(spallm_ext.build_info()))" | tee "$OUT/build_info.json" ;;
+    test)
+      python3 -m pytest -q -n 8 tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15 ;;
+    sanitize)
+      compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -x tests -k "cuda and not slow" \
+        -p no:cacheprovider > "$OUT/sanitizer_memcheck.log" 2>&1; echo "memcheck rc=$?"; tail -4 "$OUT/sanitizer_memcheck.log"
+      compute-sanitizer --tool racecheck --error-exitcode 1 python3 -m pytest -q -x tests -k "cuda and not slow and (grad or linear)" \
+        -p no:cacheprovider > "$OUT/sanitizer_racecheck.log" 2>&1; echo "racecheck rc=$?"; tail -4 "$OUT/sanitizer_racecheck.log" ;;
+    bench)
+      python3 bench/bench_forward.py --out "$OUT/forward.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_forward.log" | tail -40 ;;
+  esac
+done
