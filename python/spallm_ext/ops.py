@@ -93,3 +93,25 @@ def _backward(ctx, dy):
 
 
 torch.library.register_autograd("spallm::lut_linear", _backward, setup_context=_setup_context)
+
+
+def _decode_setup_context(ctx, inputs, output):
+    codes, lut = inputs
+    ctx.save_for_backward(codes)
+    ctx.lut_shape, ctx.lut_dtype = tuple(lut.shape), lut.dtype
+
+
+def _decode_backward(ctx, dw):
+    # lut_decode is for export and debugging, so its backward may use the dense dW it is handed:
+    # each weight's gradient goes to the LUT entry it was read from.
+    (codes,) = ctx.saved_tensors
+    from .reference import lut_gather_index
+
+    n, g, e = ctx.lut_shape
+    idx = lut_gather_index(codes, g, e)
+    acc = torch.float64 if dw.dtype == torch.float64 else torch.float32
+    dlut = torch.zeros(n, g * e, dtype=acc, device=dw.device).scatter_add_(1, idx, dw.to(acc))
+    return None, dlut.view(n, g, e).to(ctx.lut_dtype)
+
+
+torch.library.register_autograd("spallm::lut_decode", _decode_backward, setup_context=_decode_setup_context)

@@ -8,11 +8,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .formats import bits_of, unpack_codes
+from .formats import unpack_codes
 
 
-def _gather_index(codes: Tensor, groups_per_row: int, bits: int) -> Tensor:
+def lut_gather_index(codes: Tensor, groups_per_row: int, num_entries: int) -> Tensor:
     """Flat index into lut.view(out, G * 2^bits) of every weight: g(c) * 2^bits + code."""
+    bits = {4: 2, 8: 3, 16: 4}[num_entries]
     k = unpack_codes(codes, bits).long()
     in_features = k.shape[1]
     group = torch.arange(in_features, device=codes.device) // (in_features // groups_per_row)
@@ -21,8 +22,7 @@ def _gather_index(codes: Tensor, groups_per_row: int, bits: int) -> Tensor:
 
 def lut_decode(codes: Tensor, lut: Tensor) -> Tensor:
     """Dense W [out, in] in the LUT's dtype."""
-    bits = bits_of(lut)
-    idx = _gather_index(codes, lut.shape[1], bits)
+    idx = lut_gather_index(codes, lut.shape[1], lut.shape[2])
     return torch.gather(lut.reshape(lut.shape[0], -1), 1, idx)
 
 
@@ -43,10 +43,9 @@ def lut_linear_dx(dy: Tensor, codes: Tensor, lut: Tensor) -> Tensor:
 
 
 def lut_grad(dy: Tensor, x: Tensor, codes: Tensor, groups_per_row: int, num_entries: int) -> Tensor:
-    bits = {4: 2, 8: 3, 16: 4}[num_entries]
     n = codes.shape[0]
     dw = _acc(dy).reshape(-1, n).T @ _acc(x).reshape(-1, x.shape[-1])
-    idx = _gather_index(codes, groups_per_row, bits)
+    idx = lut_gather_index(codes, groups_per_row, num_entries)
     dlut = torch.zeros(n, groups_per_row * num_entries, dtype=torch.float64, device=dw.device)
     dlut.scatter_add_(1, idx, dw)
     out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32

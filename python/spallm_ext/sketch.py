@@ -107,12 +107,15 @@ def weighted_lloyd(values: Tensor, num_clusters: int, weights: Tensor | None = N
     else:
         raise ValueError(f"init must be 'uniform' or 'kmeans++', got {init!r}")
     span = (v.amax(1) - v.amin(1)).clamp_min(torch.finfo(v.dtype).tiny)[:, None]
-    wv = w * v
+    tiny = torch.finfo(v.dtype).tiny
     for _ in range(max_iter):
         assign = assign_nearest(v, cent)
         sw = torch.zeros_like(cent).scatter_add_(1, assign, w)
-        swv = torch.zeros_like(cent).scatter_add_(1, assign, wv)
-        new = torch.where(sw > 0, swv / sw.clamp_min(torch.finfo(v.dtype).tiny), cent)
+        # Move each centroid by the weighted mean residual of its cluster rather than recomputing
+        # the mean from scratch: a cluster whose values all equal its centroid then stays exactly
+        # put (sum(w v) / sum(w) drifts by an ulp), which keeps exact sketches exact.
+        res = torch.zeros_like(cent).scatter_add_(1, assign, w * (v - cent.gather(1, assign)))
+        new = torch.where(sw > 0, cent + res / sw.clamp_min(tiny), cent)
         new = new.sort(dim=1).values
         moved = ((new - cent).abs() / span).max()
         cent = new
