@@ -81,4 +81,12 @@ void check_same_device(const char* op, const char* arg, const at::Tensor& t, con
               " but '", ref_arg, "' is on ", ref.device(), " (all arguments must be on one device)");
 }
 
+void check_bias(const char* op, const at::Tensor& bias, const at::Tensor& x, int64_t out_features) {
+  TORCH_CHECK_TYPE(bias.scalar_type() == x.scalar_type(), op, ": argument 'bias' must have x's dtype (",
+                   x.scalar_type(), "), got ", bias.scalar_type());
+  TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == out_features, op, ": argument 'bias' must have "
+                    "shape [", out_features, "], got ", bias.sizes());
+  check_same_device(op, "bias", bias, "x", x);
+}
+
 }  // namespace spallm

@@ -6,6 +6,9 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
+#include <vector>
+
 namespace spallm {
 
 // Everything a kernel needs to know about one sketched weight, read off (codes, lut).
@@ -39,6 +42,26 @@ void check_same_device(const char* op, const char* arg, const at::Tensor& t, con
 // Number of tokens of a [..., features] tensor.
 inline int64_t tokens_of(const at::Tensor& t) {
   return t.dim() == 0 ? 0 : t.numel() / std::max<int64_t>(t.size(-1), 1);
+}
+
+// [..., features] as a 2-D [tokens, features] view (or copy). Unlike reshape({-1, features}) this
+// also works when features == 0.
+inline at::Tensor as_tokens(const at::Tensor& t) {
+  const at::IntArrayRef sizes = t.sizes();
+  int64_t tokens = 1;
+  for (size_t i = 0; i + 1 < sizes.size(); ++i) tokens *= sizes[i];
+  return t.reshape({tokens, sizes.back()});
+}
+
+// Optional bias of lut_linear: x's dtype, shape [out_features], x's device.
+void check_bias(const char* op, const at::Tensor& bias, const at::Tensor& x, int64_t out_features);
+
+// The sizes of a [..., features] tensor with the last one replaced: the output shape of an op
+// that maps features -> last over every token.
+inline std::vector<int64_t> sizes_with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> v(sizes.begin(), sizes.end());
+  v.back() = last;
+  return v;
 }
 
 }  // namespace spallm

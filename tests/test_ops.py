@@ -169,3 +169,15 @@ def test_non_finite_lut_entry_unused(device, bits):
     assert torch.equal(y, y_clean)
     dy = randn(4, n, device=device, seed=12)
     assert torch.equal(spallm_ext.lut_linear_dx(dy, codes, lut_nan), spallm_ext.lut_linear_dx(dy, codes, lut))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_out_features(device):
+    """N = 0 (an empty weight) is a valid, if useless, shape: every op returns empty or zeros."""
+    codes = torch.zeros(0, 8, dtype=torch.uint8, device=device)
+    lut = torch.randn(0, 2, 16, device=device)
+    x = torch.randn(3, 16, device=device)
+    assert spallm_ext.lut_linear(x, codes, lut).shape == (3, 0)
+    dx = spallm_ext.lut_linear_dx(torch.randn(3, 0, device=device), codes, lut)
+    assert dx.shape == (3, 16) and not dx.any()
+    assert spallm_ext.lut_grad(torch.randn(3, 0, device=device), x, codes, 2, 16).shape == (0, 2, 16)

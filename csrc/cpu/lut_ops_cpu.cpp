@@ -63,27 +63,15 @@ at::Tensor decode_tile(const LutShape& s, const at::Tensor& codes, const at::Ten
   return out;
 }
 
-std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
-  std::vector<int64_t> v(sizes.begin(), sizes.end());
-  v.back() = last;
-  return v;
-}
-
 at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut,
                           const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "spallm.lut_linear";
   const LutShape s = check_codes_lut(op, codes, lut);
   check_activation(op, "x", x, s.K, /*allow_double=*/true);
   check_same_device(op, "x", x, "codes", codes);
-  if (bias.has_value()) {
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": argument 'bias' must have x's dtype (",
-                     x.scalar_type(), "), got ", bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.N, op, ": argument 'bias' must have shape [",
-                      s.N, "], got ", bias->sizes());
-    check_same_device(op, "bias", *bias, "x", x);
-  }
+  if (bias.has_value()) check_bias(op, *bias, x, s.N);
   const at::ScalarType acc = acc_type(x.scalar_type());
-  const at::Tensor xa = x.reshape({-1, s.K}).to(acc).contiguous();
+  const at::Tensor xa = as_tokens(x).to(acc).contiguous();
   const int64_t M = xa.size(0);
   at::Tensor y = at::empty({M, s.N}, x.options().dtype(acc));
   if (M > 0) {
@@ -95,7 +83,7 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
     }
     if (bias.has_value()) y.add_(bias->to(acc));
   }
-  return y.to(x.scalar_type()).reshape(with_last(x.sizes(), s.N));
+  return y.to(x.scalar_type()).reshape(sizes_with_last(x.sizes(), s.N));
 }
 
 at::Tensor lut_linear_dx_cpu(const at::Tensor& dy, const at::Tensor& codes, const at::Tensor& lut) {
@@ -104,7 +92,7 @@ at::Tensor lut_linear_dx_cpu(const at::Tensor& dy, const at::Tensor& codes, cons
   check_activation(op, "dy", dy, s.N, /*allow_double=*/true);
   check_same_device(op, "dy", dy, "codes", codes);
   const at::ScalarType acc = acc_type(dy.scalar_type());
-  const at::Tensor dya = dy.reshape({-1, s.N}).to(acc).contiguous();
+  const at::Tensor dya = as_tokens(dy).to(acc).contiguous();
   const int64_t M = dya.size(0);
   at::Tensor dx = at::zeros({M, s.K}, dy.options().dtype(acc));
   if (M > 0) {
@@ -114,7 +102,7 @@ at::Tensor lut_linear_dx_cpu(const at::Tensor& dy, const at::Tensor& codes, cons
       dx.addmm_(dya.narrow(1, r0, rows), decode_tile(s, codes, lut, r0, rows, acc));
     }
   }
-  return dx.to(dy.scalar_type()).reshape(with_last(dy.sizes(), s.K));
+  return dx.to(dy.scalar_type()).reshape(sizes_with_last(dy.sizes(), s.K));
 }
 
 template <int BITS, typename acc_t>
@@ -145,8 +133,8 @@ at::Tensor lut_grad_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), op, ": arguments 'dy' and 'x' must have one dtype, got ",
                    dy.scalar_type(), " and ", x.scalar_type());
   const at::ScalarType acc = acc_type(x.scalar_type());
-  const at::Tensor dya = dy.reshape({-1, s.N}).to(acc);
-  const at::Tensor xa = x.reshape({-1, s.K}).to(acc).contiguous();
+  const at::Tensor dya = as_tokens(dy).to(acc);
+  const at::Tensor xa = as_tokens(x).to(acc).contiguous();
   TORCH_CHECK_VALUE(dya.size(0) == xa.size(0), op, ": arguments 'dy' and 'x' must have the same number of "
                     "tokens, got ", dya.size(0), " and ", xa.size(0));
   at::Tensor dlut = at::zeros({s.N, s.G, s.E}, x.options().dtype(acc));

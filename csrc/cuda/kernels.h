@@ -1,0 +1,44 @@
+// Host-callable entry points of the spallm CUDA kernels. Plain C++: no torch, so the .cu files that
+// implement these compile with nvcc alone (CI does that for sm_80 and sm_90a), and csrc/cuda/ops.cpp,
+// the torch-facing side, only converts tensors into these structs.
+//
+// All sizes are int64 and every kernel indexes with 64-bit offsets, so tensors with more than 2^31
+// elements are handled. Each entry point launches on `stream`, returns the launch's cudaError_t and
+// never synchronizes.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace spallm::cuda {
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+// One sketched weight W [N, K] times M tokens. codes: [N, row_bytes] in the canonical packed layout
+// (csrc/codes.h); lut: [N, G, 2^bits] of dtype lut_type.
+struct LutProblem {
+  int64_t M = 0;          // tokens (all leading dims of x flattened)
+  int64_t N = 0;          // out_features
+  int64_t K = 0;          // in_features
+  int64_t G = 0;          // groups per row
+  int64_t row_bytes = 0;  // bytes per packed row of codes
+  int bits = 4;           // 2, 3 or 4
+};
+
+// y[M, N] = x[M, K] W^T (+ bias[N]); x, bias, y share act_type; fp32 accumulation.
+cudaError_t lut_linear(const LutProblem& p, const void* x, DType act_type, const uint8_t* codes,
+                       const void* lut, DType lut_type, const void* bias, void* y, cudaStream_t stream);
+
+// dx[M, K] = dy[M, N] W; dy and dx share act_type; fp32 accumulation.
+cudaError_t lut_linear_dx(const LutProblem& p, const void* dy, DType act_type, const uint8_t* codes,
+                          const void* lut, DType lut_type, void* dx, cudaStream_t stream);
+
+// dlut[N, G, 2^bits] (fp32, fully written) = bucket sums of dy^T x; deterministic (no float atomics).
+cudaError_t lut_grad(const LutProblem& p, const void* dy, const void* x, DType act_type,
+                     const uint8_t* codes, float* dlut, cudaStream_t stream);
+
+// w[N, K] = decoded weight, in the LUT's own dtype.
+cudaError_t lut_decode(const LutProblem& p, const uint8_t* codes, const void* lut, DType lut_type,
+                       void* w, cudaStream_t stream);
+
+}  // namespace spallm::cuda
