@@ -41,11 +41,12 @@ def _runs_for(fn, budget_ms: float) -> int:
 
 def _bnb_nf4(w: torch.Tensor):
     try:
+        import bitsandbytes as bnb
         import bitsandbytes.functional as F
     except Exception:  # noqa: BLE001  (not installed, or no binary for this GPU)
         return None
     q, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
-    return lambda x: F.matmul_4bit(x, q.t(), quant_state=state)
+    return lambda x: bnb.matmul_4bit(x, q.t(), quant_state=state)
 
 
 def _torch_int4(w: torch.Tensor):

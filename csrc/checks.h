@@ -1,13 +1,37 @@
 // Argument validation shared by the CPU and CUDA host code of every spallm op. Each check names
 // the op and the argument, and raises the Python exception type users expect:
 //   TORCH_CHECK_TYPE  -> TypeError   (wrong dtype)
-//   TORCH_CHECK_VALUE -> ValueError  (wrong shape, size, range, layout)
+//   SPALLM_CHECK_VALUE -> ValueError (wrong shape, size, range, layout)
 //   TORCH_CHECK       -> RuntimeError (wrong device)
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
 
 #include <algorithm>
 #include <vector>
+
+namespace spallm {
+
+// The ValueError our checks throw. torch translates any c10::ValueError into Python's ValueError;
+// this subclass exists so the thrown object's vtable and typeinfo live in our library (its key
+// function is defined in checks.cpp). With gcc 13 builds against torch 2.11, objects built on the
+// vtable that libc10 exports for c10::ValueError crashed the process while propagating, where
+// c10::TypeError (whose vtable libc10 does not export) did not.
+class ValueError : public c10::ValueError {
+ public:
+  using c10::ValueError::ValueError;
+  ~ValueError() override;
+};
+
+}  // namespace spallm
+
+// TORCH_CHECK_VALUE, throwing spallm::ValueError.
+#define SPALLM_CHECK_VALUE(cond, ...)                                                    \
+  if (C10_UNLIKELY(!(cond))) {                                                           \
+    throw ::spallm::ValueError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)},    \
+                               ::c10::str(__VA_ARGS__));                                 \
+  }
 
 namespace spallm {
 

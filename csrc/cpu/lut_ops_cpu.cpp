@@ -135,7 +135,7 @@ at::Tensor lut_grad_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   const at::ScalarType acc = acc_type(x.scalar_type());
   const at::Tensor dya = as_tokens(dy).to(acc);
   const at::Tensor xa = as_tokens(x).to(acc).contiguous();
-  TORCH_CHECK_VALUE(dya.size(0) == xa.size(0), op, ": arguments 'dy' and 'x' must have the same number of "
+  SPALLM_CHECK_VALUE(dya.size(0) == xa.size(0), op, ": arguments 'dy' and 'x' must have the same number of "
                     "tokens, got ", dya.size(0), " and ", xa.size(0));
   at::Tensor dlut = at::zeros({s.N, s.G, s.E}, x.options().dtype(acc));
   if (xa.size(0) == 0) return dlut;

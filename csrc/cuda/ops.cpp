@@ -90,7 +90,7 @@ at::Tensor lut_grad_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor dyc = as_tokens(dy).contiguous();
   const at::Tensor xc = as_tokens(x).contiguous();
-  TORCH_CHECK_VALUE(dyc.size(0) == xc.size(0), op, ": arguments 'dy' and 'x' must have the same number of "
+  SPALLM_CHECK_VALUE(dyc.size(0) == xc.size(0), op, ": arguments 'dy' and 'x' must have the same number of "
                     "tokens, got ", dyc.size(0), " and ", xc.size(0));
   // Every element is written by the kernel, zeros included.
   at::Tensor dlut = at::empty({s.N, s.G, s.E}, x.options().dtype(at::kFloat));
