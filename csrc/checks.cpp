@@ -6,15 +6,13 @@
 
 namespace spallm {
 
-ValueError::~ValueError() = default;
-
 namespace {
 bool is_float(at::ScalarType t, bool allow_double) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || (allow_double && t == at::kDouble);
 }
 
 LutShape shape_from_codes(const char* op, const at::Tensor& codes, int bits, int64_t groups) {
-  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, op, ": argument 'codes' must be a packed uint8 "
+  SPALLM_CHECK_TYPE(codes.scalar_type() == at::kByte, op, ": argument 'codes' must be a packed uint8 "
                    "tensor, got ", codes.scalar_type());
   SPALLM_CHECK_VALUE(codes.dim() == 2, op, ": argument 'codes' must be 2-D [out_features, row_bytes] "
                     "(the canonical packed layout), got shape ", codes.sizes());
@@ -49,7 +47,7 @@ int bits_from_entries(int64_t entries, const char* op, const char* arg) {
 }
 
 LutShape check_codes_lut(const char* op, const at::Tensor& codes, const at::Tensor& lut) {
-  TORCH_CHECK_TYPE(is_float(lut.scalar_type(), /*allow_double=*/true), op,
+  SPALLM_CHECK_TYPE(is_float(lut.scalar_type(), /*allow_double=*/true), op,
                    ": argument 'lut' must be float32, bfloat16 or float16, got ", lut.scalar_type());
   SPALLM_CHECK_VALUE(lut.dim() == 3, op, ": argument 'lut' must be 3-D [out_features, groups_per_row, "
                     "2^bits], got shape ", lut.sizes());
@@ -70,7 +68,7 @@ LutShape check_codes_groups(const char* op, const at::Tensor& codes, int64_t gro
 
 void check_activation(const char* op, const char* arg, const at::Tensor& t, int64_t features,
                       bool allow_double) {
-  TORCH_CHECK_TYPE(is_float(t.scalar_type(), allow_double), op, ": argument '", arg, "' must be ",
+  SPALLM_CHECK_TYPE(is_float(t.scalar_type(), allow_double), op, ": argument '", arg, "' must be ",
                    allow_double ? "float64, " : "", "float32, bfloat16 or float16, got ", t.scalar_type());
   SPALLM_CHECK_VALUE(t.dim() >= 1, op, ": argument '", arg, "' must have at least one dimension");
   SPALLM_CHECK_VALUE(t.size(-1) == features, op, ": argument '", arg, "' has last dimension ",
@@ -79,12 +77,12 @@ void check_activation(const char* op, const char* arg, const at::Tensor& t, int6
 
 void check_same_device(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
                        const at::Tensor& ref) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": argument '", arg, "' is on ", t.device(),
+  SPALLM_CHECK(t.device() == ref.device(), op, ": argument '", arg, "' is on ", t.device(),
               " but '", ref_arg, "' is on ", ref.device(), " (all arguments must be on one device)");
 }
 
 void check_bias(const char* op, const at::Tensor& bias, const at::Tensor& x, int64_t out_features) {
-  TORCH_CHECK_TYPE(bias.scalar_type() == x.scalar_type(), op, ": argument 'bias' must have x's dtype (",
+  SPALLM_CHECK_TYPE(bias.scalar_type() == x.scalar_type(), op, ": argument 'bias' must have x's dtype (",
                    x.scalar_type(), "), got ", bias.scalar_type());
   SPALLM_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == out_features, op, ": argument 'bias' must have "
                     "shape [", out_features, "], got ", bias.sizes());

@@ -1,37 +1,56 @@
 // Argument validation shared by the CPU and CUDA host code of every spallm op. Each check names
 // the op and the argument, and raises the Python exception type users expect:
-//   TORCH_CHECK_TYPE  -> TypeError   (wrong dtype)
-//   SPALLM_CHECK_VALUE -> ValueError (wrong shape, size, range, layout)
-//   TORCH_CHECK       -> RuntimeError (wrong device)
+//   SPALLM_CHECK_TYPE  -> TypeError    (wrong dtype)
+//   SPALLM_CHECK_VALUE -> ValueError   (wrong shape, size, range, layout)
+//   SPALLM_CHECK       -> RuntimeError (wrong device, CUDA errors)
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
-#include <c10/util/StringUtil.h>
 
 #include <algorithm>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace spallm {
 
-// The ValueError our checks throw. torch translates any c10::ValueError into Python's ValueError;
-// this subclass exists so the thrown object's vtable and typeinfo live in our library (its key
-// function is defined in checks.cpp). With gcc 13 builds against torch 2.11, objects built on the
-// vtable that libc10 exports for c10::ValueError crashed the process while propagating, where
-// c10::TypeError (whose vtable libc10 does not export) did not.
-class ValueError : public c10::ValueError {
- public:
-  using c10::ValueError::ValueError;
-  ~ValueError() override;
-};
+namespace detail {
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, at::ScalarType t) { s += c10::toString(t); }
+inline void append(std::string& s, const c10::Device& d) { s += d.str(); }
+template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+inline void append(std::string& s, T v) { s += std::to_string(v); }
+inline void append(std::string& s, at::IntArrayRef v) {
+  s += '[';
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  s += ']';
+}
+}  // namespace detail
+
+// Error messages are concatenated here rather than through c10::str's ostream: on the GPU machine
+// (gcc 13.3 against torch 2.11) `ostream << int64_t` instantiated in this library segfaulted while
+// formatting, so every message that held a number crashed instead of raising. std::to_string
+// needs no stream or locale.
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string s;
+  (detail::append(s, args), ...);
+  return s;
+}
 
 }  // namespace spallm
 
-// TORCH_CHECK_VALUE, throwing spallm::ValueError.
-#define SPALLM_CHECK_VALUE(cond, ...)                                                    \
-  if (C10_UNLIKELY(!(cond))) {                                                           \
-    throw ::spallm::ValueError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)},    \
-                               ::c10::str(__VA_ARGS__));                                 \
+#define SPALLM_THROW_IF_NOT(cond, err_type, ...)                                              \
+  if (C10_UNLIKELY(!(cond))) {                                                                \
+    throw ::c10::err_type({__func__, __FILE__, static_cast<uint32_t>(__LINE__)},              \
+                          ::spallm::message(__VA_ARGS__));                                    \
   }
+#define SPALLM_CHECK_VALUE(cond, ...) SPALLM_THROW_IF_NOT(cond, ValueError, __VA_ARGS__)
+#define SPALLM_CHECK_TYPE(cond, ...) SPALLM_THROW_IF_NOT(cond, TypeError, __VA_ARGS__)
+#define SPALLM_CHECK(cond, ...) SPALLM_THROW_IF_NOT(cond, Error, __VA_ARGS__)
 
 namespace spallm {
 

@@ -130,7 +130,7 @@ at::Tensor lut_grad_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   check_activation(op, "x", x, s.K, /*allow_double=*/true);
   check_same_device(op, "dy", dy, "codes", codes);
   check_same_device(op, "x", x, "codes", codes);
-  TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), op, ": arguments 'dy' and 'x' must have one dtype, got ",
+  SPALLM_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), op, ": arguments 'dy' and 'x' must have one dtype, got ",
                    dy.scalar_type(), " and ", x.scalar_type());
   const at::ScalarType acc = acc_type(x.scalar_type());
   const at::Tensor dya = as_tokens(dy).to(acc);

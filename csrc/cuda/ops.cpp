@@ -20,7 +20,7 @@ cuda::DType cuda_dtype(const char* op, const char* arg, const at::Tensor& t) {
     case at::kHalf: return cuda::DType::F16;
     case at::kBFloat16: return cuda::DType::BF16;
     default:
-      TORCH_CHECK_TYPE(false, op, ": argument '", arg, "' must be float32, bfloat16 or float16 on CUDA, "
+      SPALLM_CHECK_TYPE(false, op, ": argument '", arg, "' must be float32, bfloat16 or float16 on CUDA, "
                        "got ", t.scalar_type());
   }
   return cuda::DType::F32;
@@ -85,7 +85,7 @@ at::Tensor lut_grad_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
   check_activation(op, "x", x, s.K, /*allow_double=*/false);
   check_same_device(op, "dy", dy, "codes", codes);
   check_same_device(op, "x", x, "codes", codes);
-  TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), op, ": arguments 'dy' and 'x' must have one dtype, got ",
+  SPALLM_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), op, ": arguments 'dy' and 'x' must have one dtype, got ",
                    dy.scalar_type(), " and ", x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor dyc = as_tokens(dy).contiguous();
