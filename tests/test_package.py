@@ -1,0 +1,35 @@
+"""The package as a user meets it: build_info, and the error when the native library is missing."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import spallm_ext
+
+
+def test_build_info_reports_backends():
+    info = spallm_ext.build_info()
+    assert info["backends"][0] == "cpu"
+    assert ("cuda" in info["backends"]) == info["cuda"]
+    # The library was compiled against the torch that runs it (major.minor at least).
+    assert info["torch_version"].split(".")[:2] == torch.__version__.split(".")[:2]
+    if info["cuda"]:
+        assert info["cuda_archs"]
+    assert info["cuda_available"] == (info["cuda"] and torch.cuda.is_available())
+
+
+def test_import_without_native_library_says_how_to_build(tmp_path):
+    """A source tree without _C*.so must fail with one clear sentence, not an obscure ImportError."""
+    src = Path(spallm_ext.__file__).parent
+    dst = tmp_path / "spallm_ext"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    proc = subprocess.run([sys.executable, "-c", "import spallm_ext"], cwd=tmp_path,
+                          capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path), "PATH": ""})
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: spallm_ext's native library is not built")
+    assert "pip install --no-build-isolation -e ." in last
