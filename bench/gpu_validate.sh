@@ -31,6 +31,6 @@ for s in "${steps[@]}"; do
       compute-sanitizer --tool racecheck --error-exitcode 1 python3 -m pytest -q -x tests -k "cuda and not slow and (grad or linear)" \
         -p no:cacheprovider > "$OUT/sanitizer_racecheck.log" 2>&1; echo "racecheck rc=$?"; tail -4 "$OUT/sanitizer_racecheck.log" ;;
     bench)
-      python3 bench/bench_forward.py --out "$OUT/forward.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_forward.log" | tail -40 ;;
+      SPALLM_COMMIT=${SPALLM_COMMIT:-} python3 bench/bench_forward.py --out "$OUT/forward.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_forward.log" | tail -40 ;;
   esac
 done
