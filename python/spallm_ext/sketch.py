@@ -137,3 +137,305 @@ def lloyd_sketch(weight: Tensor, bits: int, groups_per_row: int = 1, *, weights:
     wts = None if weights is None else weights.reshape(-1, k).expand(n, k).reshape(n * groups_per_row, gs)
     cent, assign = weighted_lloyd(vals, 1 << bits, wts, max_iter=max_iter, tol=tol, init=init, seed=seed)
     return assign.reshape(n, k), cent.reshape(n, groups_per_row, 1 << bits)
+
+
+# --------------------------------------------------------------------------------------------
+# Hessian-weighted sketching with error feedback (LeanQuant-style Lloyd + GPTQ-style pass).
+#
+# Everything below works on one layer at a time and is written as a few big batched tensor
+# programs (Lloyd over all (row, group) pairs at once, GEMMs for the error propagation and the
+# LUT refit), so the same code is fast on a GPU and correct on the CPU. All math is fp32.
+# --------------------------------------------------------------------------------------------
+
+from dataclasses import asdict, dataclass, field  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+
+
+@dataclass
+class SketchConfig:
+    """How to sketch. The defaults follow ../shared/notes/method.md (LeanQuant's recipe) plus our
+    LUT refit. ``calib_samples`` x ``seq_len`` is the calibration size sketch_model documents
+    (it uses whatever calibration it is given; the CLI cuts that many windows)."""
+    bits: int = 4
+    groups_per_row: int = 1
+    exponent: float = 4.0          # importance s_j = d_j^-exponent
+    damping: float = 0.01          # H += damping * mean(diag H) * I
+    act_order: bool = True         # GPTQ pass over columns by descending diag(H)
+    error_feedback: bool = True    # GPTQ-style pass with the LUT frozen
+    refit: bool = True             # Hessian-weighted least-squares LUT refit (kept if it helps)
+    block_size: int = 128          # columns per block of the error-feedback pass
+    lloyd_iters: int = 100
+    lloyd_tol: float = 1e-6
+    init: str = "uniform"          # or "kmeans++"
+    seed: int = 0
+    calib_samples: int = 128
+    seq_len: int = 2048
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        if self.groups_per_row < 1:
+            raise ValueError(f"groups_per_row must be >= 1, got {self.groups_per_row}")
+        if not (self.exponent >= 0 and math.isfinite(self.exponent)):
+            raise ValueError(f"exponent must be a finite number >= 0, got {self.exponent}")
+        if not (self.damping >= 0 and math.isfinite(self.damping)):
+            raise ValueError(f"damping must be a finite number >= 0, got {self.damping}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.init not in ("uniform", "kmeans++", "kmeanspp"):
+            raise ValueError(f"init must be 'uniform' or 'kmeans++', got {self.init!r}")
+        if self.calib_samples < 1 or self.seq_len < 1:
+            raise ValueError("calib_samples and seq_len must be >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SketchConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown SketchConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class LayerSketch:
+    """Result of sketching one layer: integer codes [out, in] (int64), lut [out, G, 2^b] fp32,
+    and figures: relative output error sqrt(tr(E H E^T) / tr(W H W^T)) of each stage."""
+    codes: Tensor
+    lut: Tensor
+    info: dict = field(default_factory=dict)
+
+
+def output_error(weight: Tensor, w_hat: Tensor, hessian: Tensor) -> float:
+    """tr((W - Ŵ) H (W - Ŵ)^T): the layer's summed squared output error on the calibration set
+    (up to the 2/N scale of H)."""
+    e = (weight - w_hat).to(torch.float32)
+    return float(((e @ hessian) * e).sum())
+
+
+def _relative(err: float, ref: float) -> float:
+    return math.sqrt(max(err, 0.0) / ref) if ref > 0 else math.sqrt(max(err, 0.0))
+
+
+def _decode_groups(codes: Tensor, lut: Tensor) -> Tensor:
+    """Dense W from integer codes [n, k] and lut [n, G, K] (pure torch, fp32)."""
+    n, k = codes.shape
+    g = lut.shape[1]
+    return lut.gather(2, codes.reshape(n, g, k // g)).reshape(n, k)
+
+
+def prepare_hessian(hessian: Tensor, weight: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Dead columns (H_jj == 0) get H_jj = 1 and W[:, j] = 0; then H += damping * mean(diag) * I.
+    Returns (H_damped, W_cleaned, dead mask). Inputs are not modified."""
+    h = hessian.to(torch.float32).clone()
+    w = weight.to(torch.float32).clone()
+    diag = h.diagonal()
+    dead = diag == 0
+    if dead.any():
+        diag[dead] = 1.0
+        w[:, dead] = 0.0
+    diag += damping * diag.mean()
+    return h, w, dead
+
+
+def _upper_chol_of_inverse(h: Tensor) -> Tensor:
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), retrying with more damping if H is not
+    numerically positive definite."""
+    extra = 0.0
+    mean_diag = float(h.diagonal().mean())
+    for _ in range(6):
+        hh = h if extra == 0 else h + extra * mean_diag * torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
+        l, info = torch.linalg.cholesky_ex(hh)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(l)
+            u, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info2) == 0:
+                return u
+        extra = 0.01 if extra == 0 else extra * 10
+    raise RuntimeError("Hessian is not positive definite even after extra damping; "
+                       "use more calibration data or a larger damping")
+
+
+def importance(u_diag: Tensor, exponent: float) -> Tensor:
+    """s_j = d_j^-p, scaled so the largest is 1 (computed in log space: no overflow)."""
+    logd = torch.log(u_diag.clamp_min(torch.finfo(u_diag.dtype).tiny))
+    return torch.exp(-exponent * (logd - logd.min()))
+
+
+def error_feedback_pass(w: Tensor, u: Tensor, lut_by_group: Tensor, col_group: list[int],
+                        block_size: int = 128) -> Tensor:
+    """GPTQ-style coding with the LUT frozen, in the (possibly permuted) column order of `w`.
+
+    w [n, k] fp32 (not modified), u [k, k] upper Cholesky factor of H^-1 in the same order,
+    lut_by_group [G, n, K] sorted ascending per (group, row), col_group[i] = group of column i.
+    Each column takes, per row, the nearest entry of ITS OWN group's LUT for its error-updated
+    value; the scaled error (w - q) / U_ii is pushed into the later columns of the block through
+    row i of U, and into the remaining columns with one GEMM per block. Returns codes [n, k]."""
+    n, k = w.shape
+    # Work on W^T so each column is one contiguous row (cheap slicing, contiguous searchsorted).
+    wt = w.t().contiguous()
+    codes_t = torch.empty(k, n, dtype=torch.int64, device=w.device)
+    mids = ((lut_by_group[..., 1:] + lut_by_group[..., :-1]) * 0.5).contiguous()
+    for b0 in range(0, k, block_size):
+        b1 = min(b0 + block_size, k)
+        wb = wt[b0:b1]                        # view: updates land in wt
+        ub = u[b0:b1, b0:b1]
+        err = torch.empty(b1 - b0, n, device=w.device, dtype=w.dtype)
+        for i in range(b1 - b0):
+            g = col_group[b0 + i]
+            idx = torch.searchsorted(mids[g], wb[i][:, None])
+            codes_t[b0 + i] = idx[:, 0]
+            q = lut_by_group[g].gather(1, idx)[:, 0]
+            e = (wb[i] - q) / ub[i, i]
+            err[i] = e
+            if i + 1 < b1 - b0:
+                wb[i + 1:] -= ub[i, i + 1:][:, None] * e[None, :]
+        if b1 < k:
+            wt[b1:] -= u[b0:b1, b1:].t() @ err
+    codes = codes_t.t().contiguous()
+    return codes
+
+
+def refit_lut(weight: Tensor, codes: Tensor, lut: Tensor, hessian: Tensor, *,
+              ridge: float = 1e-6, max_chunk_bytes: int = 1 << 28) -> Tensor:
+    """The LUT minimizing tr((W - Ŵ) H (W - Ŵ)^T) for fixed codes, exactly.
+
+    Ŵ_r = A_r l_r with A_r the one-hot [k, G*K] code matrix of row r and l_r its G*K LUT values,
+    so each row solves the normal equations (A_r^T H A_r) l_r = A_r^T H w_r (size G*2^b, all
+    groups of a row jointly because H couples them). Solved as an update d_r of the current LUT
+    with a tiny ridge, entries no weight uses keep their value. Rows are processed in chunks
+    with GEMMs (H @ one-hot) and batched solves: O(k^2 * n * G * 2^b) flops, GPU friendly."""
+    n, k = weight.shape
+    g, kk = lut.shape[1], lut.shape[2]
+    gk = g * kk
+    gs = k // g
+    offs = (torch.arange(k, device=codes.device) // gs) * kk
+    flat = codes + offs[None, :]                                   # [n, k] in [0, G*K)
+    e_full = weight - _decode_groups(codes, lut)                   # [n, k]
+    he_full = e_full @ hessian                                     # [n, k]
+    new = lut.reshape(n, gk).clone()
+    rows = max(1, min(n, max_chunk_bytes // max(1, 4 * k * gk)))
+    hdiag_mean = float(hessian.diagonal().mean())
+    eye = torch.eye(gk, device=weight.device, dtype=torch.float32)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        fr = flat[r0:r1]
+        m = r1 - r0
+        onehot = torch.zeros(m, k, gk, device=weight.device, dtype=torch.float32)
+        onehot.scatter_(2, fr[:, :, None], 1.0)
+        # H @ O_r for every row of the chunk as one GEMM: [k, k] x [k, m*gk]
+        ho = (hessian @ onehot.permute(1, 0, 2).reshape(k, m * gk)).reshape(k, m, gk).permute(1, 0, 2)
+        mat = torch.bmm(onehot.transpose(1, 2), ho)                  # [m, gk, gk]
+        rhs = torch.zeros(m, gk, device=weight.device, dtype=torch.float32)
+        rhs.scatter_add_(1, fr, he_full[r0:r1])                      # A_r^T H e_r
+        used = mat.diagonal(dim1=1, dim2=2) > 0
+        scale = mat.diagonal(dim1=1, dim2=2).amax(1).clamp_min(hdiag_mean * 1e-12)
+        mat = mat + (ridge * scale)[:, None, None] * eye + (~used).float().diag_embed()
+        rhs = torch.where(used, rhs, torch.zeros_like(rhs))
+        sol, info = torch.linalg.solve_ex(mat, rhs[:, :, None])
+        delta = sol[:, :, 0]
+        ok = (info == 0) & torch.isfinite(delta).all(1)
+        delta = torch.where(ok[:, None], delta, torch.zeros_like(delta))
+        new[r0:r1] += delta
+    new = new.reshape(n, g, kk)
+    # A refit LUT may come out of order; the codes index it, so order does not matter for
+    # decoding, but the nearest-entry search assumes sorted LUTs: sort and remap the codes.
+    return new
+
+
+def _sort_lut(codes: Tensor, lut: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort each (row, group) LUT ascending and remap the codes to match."""
+    n, k = codes.shape
+    g, kk = lut.shape[1], lut.shape[2]
+    sorted_lut, order = lut.sort(dim=2)
+    inv = order.argsort(dim=2)                                    # old index -> new index
+    c = codes.reshape(n, g, k // g)
+    return inv.gather(2, c).reshape(n, k), sorted_lut
+
+
+def hessian_sketch(weight: Tensor, hessian: Tensor, config: SketchConfig | None = None,
+                   **overrides) -> LayerSketch:
+    """Sketch one weight [out, in] with the Hessian proxy H [in, in] of its inputs.
+
+    1. dead columns, damping; 2. optional act-order; 3. importance s_j = d_j^-p from the upper
+    Cholesky factor of H^-1; 4. weighted Lloyd over all (row, group) pairs at once -> LUT;
+    5. optional error-feedback pass (LUT frozen); 6. optional LUT refit, kept only if it lowers
+    tr((W - Ŵ) H (W - Ŵ)^T). Runs on the device of `weight`. Returns codes, LUT and figures."""
+    cfg = config or SketchConfig()
+    if overrides:
+        cfg = SketchConfig.from_dict({**cfg.to_dict(), **overrides})
+    n, k = weight.shape
+    if hessian.shape != (k, k):
+        raise ValueError(f"hessian must be [{k}, {k}] for a weight of shape {tuple(weight.shape)}, "
+                         f"got {tuple(hessian.shape)}")
+    gpr = cfg.groups_per_row
+    if k % gpr:
+        raise ValueError(f"in_features ({k}) must be divisible by groups_per_row ({gpr})")
+    gs, kk = k // gpr, 1 << cfg.bits
+    dev = weight.device
+    times = {}
+    t0 = time.perf_counter()
+    h_raw = hessian.to(device=dev, dtype=torch.float32)
+    h, w, dead = prepare_hessian(h_raw, weight, cfg.damping)
+    w_ref = w.clone()
+    if cfg.act_order:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+    else:
+        perm = torch.arange(k, device=dev)
+    hp = h[perm][:, perm]
+    u = _upper_chol_of_inverse(hp)
+    s_perm = importance(u.diagonal(), cfg.exponent)
+    s = torch.empty_like(s_perm)
+    s[perm] = s_perm
+    times["hessian_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    vals = w.reshape(n * gpr, gs)
+    wts = s.reshape(1, gpr, gs).expand(n, gpr, gs).reshape(n * gpr, gs)
+    cent, assign = weighted_lloyd(vals, kk, wts, max_iter=cfg.lloyd_iters, tol=cfg.lloyd_tol,
+                                  init=cfg.init, seed=cfg.seed)
+    lut = cent.reshape(n, gpr, kk).contiguous()
+    codes = assign.reshape(n, k)
+    times["lloyd_s"] = time.perf_counter() - t0
+    ref = output_error(w_ref, torch.zeros_like(w_ref), h_raw)
+    err_lloyd = output_error(w_ref, _decode_groups(codes, lut), h_raw)
+    info = {"rel_err_lloyd": _relative(err_lloyd, ref)}
+    err = err_lloyd
+
+    if cfg.error_feedback:
+        t0 = time.perf_counter()
+        wp = w[:, perm].contiguous()
+        col_group = (perm // gs).tolist()
+        lut_by_group = lut.permute(1, 0, 2).contiguous()
+        codes_p = error_feedback_pass(wp, u, lut_by_group, col_group, cfg.block_size)
+        codes = torch.empty_like(codes_p)
+        codes[:, perm] = codes_p
+        err = output_error(w_ref, _decode_groups(codes, lut), h_raw)
+        info["rel_err_feedback"] = _relative(err, ref)
+        times["feedback_s"] = time.perf_counter() - t0
+
+    if cfg.refit:
+        t0 = time.perf_counter()
+        new_lut = refit_lut(w_ref, codes, lut, h)
+        err_refit = output_error(w_ref, _decode_groups(codes, new_lut), h_raw)
+        info["rel_err_refit"] = _relative(err_refit, ref)
+        info["refit_kept"] = bool(math.isfinite(err_refit) and err_refit < err)
+        if info["refit_kept"]:
+            codes, lut = _sort_lut(codes, new_lut)
+            err = err_refit
+        times["refit_s"] = time.perf_counter() - t0
+    info["rel_err"] = _relative(err, ref)
+    info["dead_columns"] = int(dead.sum())
+    info["times"] = times
+    return LayerSketch(codes=codes, lut=lut.contiguous(), info=info)
+
+
+@register_sketcher("hessian")
+def hessian_sketcher(weight: Tensor, bits: int, groups_per_row: int = 1, *, hessian: Tensor,
+                     **kwargs):
+    """The calibration-driven sketcher as a registry entry:
+    SketchedLinear.from_linear(lin, bits, G, sketcher="hessian", hessian=H, exponent=..., ...)."""
+    res = hessian_sketch(weight, hessian, SketchConfig(bits=bits, groups_per_row=groups_per_row, **kwargs))
+    return res.codes, res.lut
