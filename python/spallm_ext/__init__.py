@@ -38,6 +38,10 @@ from .formats import pack_codes, unpack_codes, from_official, to_official  # noq
 from .nn import SketchedLinear  # noqa: E402
 from .ops import lut_decode, lut_grad, lut_linear, lut_linear_dx  # noqa: E402
 from .sketch import register_sketcher, weighted_lloyd  # noqa: E402
+from .sketch import SketchConfig, hessian_sketch  # noqa: E402
+from .convert import SketchReport, sketch_model  # noqa: E402
+from .adapters import (codes_hash, load_adapter, load_official, load_sketched, save_adapter,  # noqa: E402
+                       save_sketched)
 
 
 def build_info() -> dict:
@@ -51,8 +55,18 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "SketchConfig",
+    "SketchReport",
     "SketchedLinear",
     "build_info",
+    "codes_hash",
+    "hessian_sketch",
+    "load_adapter",
+    "load_official",
+    "load_sketched",
+    "save_adapter",
+    "save_sketched",
+    "sketch_model",
     "from_official",
     "lut_decode",
     "lut_grad",
