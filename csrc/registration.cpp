@@ -8,12 +8,16 @@
 
 TORCH_LIBRARY(spallm, m) {
   // y = x W^T (+ bias), W[r, c] = lut[r, c / (K/G), code[r, c]]; x: [..., K] -> y: [..., N].
-  m.def("lut_linear(Tensor x, Tensor codes, Tensor lut, Tensor? bias=None) -> Tensor");
-  // dx = dy W; dy: [..., N] -> dx: [..., K].
-  m.def("lut_linear_dx(Tensor dy, Tensor codes, Tensor lut) -> Tensor");
+  // With adapter_index (one int per token), lut is a stack [A, N, G, 2^b] of adapters sharing the
+  // codes and token m uses lut[adapter_index[m]].
+  m.def("lut_linear(Tensor x, Tensor codes, Tensor lut, Tensor? bias=None, Tensor? adapter_index=None) -> Tensor");
+  // dx = dy W; dy: [..., N] -> dx: [..., K]. adapter_index as in lut_linear.
+  m.def("lut_linear_dx(Tensor dy, Tensor codes, Tensor lut, Tensor? adapter_index=None) -> Tensor");
   // dlut[r, g, k] = sum over columns c of group g with code k of (dy^T x)[r, c], fp32 (fp64 for
   // fp64 inputs). groups_per_row and num_entries fix the LUT shape, which the codes alone don't.
-  m.def("lut_grad(Tensor dy, Tensor x, Tensor codes, int groups_per_row, int num_entries) -> Tensor");
+  // With adapter_index, dlut is [num_adapters, N, G, 2^b] and each token's part goes to its adapter.
+  m.def("lut_grad(Tensor dy, Tensor x, Tensor codes, int groups_per_row, int num_entries, "
+        "Tensor? adapter_index=None, int num_adapters=0) -> Tensor");
   // Dense W [N, K] in the LUT's dtype (export, merge, debugging).
   m.def("lut_decode(Tensor codes, Tensor lut) -> Tensor");
 }

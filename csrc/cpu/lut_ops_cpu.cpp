@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "multi_adapter.h"
 #include "codes.h"
 
 namespace spallm {
@@ -158,12 +159,14 @@ at::Tensor lut_decode_cpu(const at::Tensor& codes, const at::Tensor& lut) {
   return decode_tile(s, codes, lut, 0, s.N, lut.scalar_type());
 }
 
+SPALLM_DEFINE_ADAPTER_ENTRY_POINTS(cpu, lut_linear_cpu, lut_linear_dx_cpu, lut_grad_cpu)
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(spallm, CPU, m) {
-  m.impl("lut_linear", &lut_linear_cpu);
-  m.impl("lut_linear_dx", &lut_linear_dx_cpu);
-  m.impl("lut_grad", &lut_grad_cpu);
+  m.impl("lut_linear", &cpu_lut_linear);
+  m.impl("lut_linear_dx", &cpu_lut_linear_dx);
+  m.impl("lut_grad", &cpu_lut_grad);
   m.impl("lut_decode", &lut_decode_cpu);
 }
 

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "multi_adapter.h"
 #include "cuda/kernels.h"
 
 namespace spallm {
@@ -111,12 +112,14 @@ at::Tensor lut_decode_cuda(const at::Tensor& codes, const at::Tensor& lut) {
   return w;
 }
 
+SPALLM_DEFINE_ADAPTER_ENTRY_POINTS(cuda, lut_linear_cuda, lut_linear_dx_cuda, lut_grad_cuda)
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(spallm, CUDA, m) {
-  m.impl("lut_linear", &lut_linear_cuda);
-  m.impl("lut_linear_dx", &lut_linear_dx_cuda);
-  m.impl("lut_grad", &lut_grad_cuda);
+  m.impl("lut_linear", &cuda_lut_linear);
+  m.impl("lut_linear_dx", &cuda_lut_linear_dx);
+  m.impl("lut_grad", &cuda_lut_grad);
   m.impl("lut_decode", &lut_decode_cuda);
 }
 

@@ -13,19 +13,25 @@ from torch import Tensor
 _ENTRIES_TO_BITS = {4: 2, 8: 3, 16: 4}
 
 
-def lut_linear(x: Tensor, codes: Tensor, lut: Tensor, bias: Tensor | None = None) -> Tensor:
-    """y = x W^T (+ bias) with W[r, c] = lut[r, c // (K/G), code[r, c]]; x: [..., K] -> [..., N]."""
-    return torch.ops.spallm.lut_linear(x, codes, lut, bias)
+def lut_linear(x: Tensor, codes: Tensor, lut: Tensor, bias: Tensor | None = None,
+               adapter_index: Tensor | None = None) -> Tensor:
+    """y = x W^T (+ bias) with W[r, c] = lut[r, c // (K/G), code[r, c]]; x: [..., K] -> [..., N].
+
+    Multi-adapter batches: with ``adapter_index`` (int, one entry per token), ``lut`` is a stack
+    [A, N, G, 2^b] of adapters sharing the codes, and token m uses lut[adapter_index[m]]."""
+    return torch.ops.spallm.lut_linear(x, codes, lut, bias, adapter_index)
 
 
-def lut_linear_dx(dy: Tensor, codes: Tensor, lut: Tensor) -> Tensor:
-    """dx = dy W; dy: [..., N] -> [..., K]."""
-    return torch.ops.spallm.lut_linear_dx(dy, codes, lut)
+def lut_linear_dx(dy: Tensor, codes: Tensor, lut: Tensor, adapter_index: Tensor | None = None) -> Tensor:
+    """dx = dy W; dy: [..., N] -> [..., K] (adapter_index as in lut_linear)."""
+    return torch.ops.spallm.lut_linear_dx(dy, codes, lut, adapter_index)
 
 
-def lut_grad(dy: Tensor, x: Tensor, codes: Tensor, groups_per_row: int, num_entries: int) -> Tensor:
-    """dlut[r, g, k]: sum of (dy^T x)[r, c] over the columns c of group g whose code is k (fp32)."""
-    return torch.ops.spallm.lut_grad(dy, x, codes, groups_per_row, num_entries)
+def lut_grad(dy: Tensor, x: Tensor, codes: Tensor, groups_per_row: int, num_entries: int,
+             adapter_index: Tensor | None = None, num_adapters: int = 0) -> Tensor:
+    """dlut[r, g, k]: sum of (dy^T x)[r, c] over the columns c of group g whose code is k (fp32).
+    With adapter_index: [num_adapters, N, G, 2^b], each token's part in its own adapter."""
+    return torch.ops.spallm.lut_grad(dy, x, codes, groups_per_row, num_entries, adapter_index, num_adapters)
 
 
 def lut_decode(codes: Tensor, lut: Tensor) -> Tensor:
@@ -40,31 +46,35 @@ def _in_features(codes: Tensor, entries: int) -> int:
     return nbytes // 3 * 8 if bits == 3 else nbytes * 8 // bits
 
 
-def _check_lut_shape(codes: Tensor, lut: Tensor) -> None:
+def _check_lut_shape(codes: Tensor, lut: Tensor, stacked: bool = False) -> None:
+    want = 4 if stacked else 3
     torch._check(codes.dim() == 2, lambda: f"codes must be 2-D, got {codes.dim()}-D")
-    torch._check(lut.dim() == 3, lambda: f"lut must be 3-D, got {lut.dim()}-D")
-    torch._check(lut.shape[0] == codes.shape[0], lambda: "lut and codes must have the same out_features")
+    torch._check(lut.dim() == want, lambda: f"lut must be {want}-D, got {lut.dim()}-D")
+    torch._check(lut.shape[-3] == codes.shape[0], lambda: "lut and codes must have the same out_features")
 
 
 @torch.library.register_fake("spallm::lut_linear")
-def _lut_linear_fake(x, codes, lut, bias=None):
-    _check_lut_shape(codes, lut)
+def _lut_linear_fake(x, codes, lut, bias=None, adapter_index=None):
+    _check_lut_shape(codes, lut, adapter_index is not None)
     torch._check(x.shape[-1] == _in_features(codes, lut.shape[-1]), lambda: "x's last dim != in_features")
-    return x.new_empty((*x.shape[:-1], lut.shape[0]))
+    return x.new_empty((*x.shape[:-1], lut.shape[-3]))
 
 
 @torch.library.register_fake("spallm::lut_linear_dx")
-def _lut_linear_dx_fake(dy, codes, lut):
-    _check_lut_shape(codes, lut)
-    torch._check(dy.shape[-1] == lut.shape[0], lambda: "dy's last dim != out_features")
+def _lut_linear_dx_fake(dy, codes, lut, adapter_index=None):
+    _check_lut_shape(codes, lut, adapter_index is not None)
+    torch._check(dy.shape[-1] == lut.shape[-3], lambda: "dy's last dim != out_features")
     return dy.new_empty((*dy.shape[:-1], _in_features(codes, lut.shape[-1])))
 
 
 @torch.library.register_fake("spallm::lut_grad")
-def _lut_grad_fake(dy, x, codes, groups_per_row, num_entries):
+def _lut_grad_fake(dy, x, codes, groups_per_row, num_entries, adapter_index=None, num_adapters=0):
     torch._check(codes.dim() == 2, lambda: "codes must be 2-D")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.new_empty((codes.shape[0], groups_per_row, num_entries), dtype=dtype)
+    shape = (codes.shape[0], groups_per_row, num_entries)
+    if adapter_index is not None:
+        shape = (num_adapters, *shape)
+    return x.new_empty(shape, dtype=dtype)
 
 
 @torch.library.register_fake("spallm::lut_decode")
@@ -74,22 +84,24 @@ def _lut_decode_fake(codes, lut):
 
 
 def _setup_context(ctx, inputs, output):
-    x, codes, lut, bias = inputs
-    ctx.save_for_backward(x, codes, lut)
+    x, codes, lut, bias, adapter_index = inputs
+    ctx.save_for_backward(x, codes, lut, adapter_index)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, dy):
-    x, codes, lut = ctx.saved_tensors
+    x, codes, lut, adapter_index = ctx.saved_tensors
     dx = dlut = dbias = None
     if ctx.needs_input_grad[0]:
-        dx = torch.ops.spallm.lut_linear_dx(dy, codes, lut)
+        dx = torch.ops.spallm.lut_linear_dx(dy, codes, lut, adapter_index)
     if ctx.needs_input_grad[2]:
-        dlut = torch.ops.spallm.lut_grad(dy, x, codes, lut.shape[1], lut.shape[2]).to(lut.dtype)
+        num_adapters = lut.shape[0] if adapter_index is not None else 0
+        dlut = torch.ops.spallm.lut_grad(dy, x, codes, lut.shape[-2], lut.shape[-1], adapter_index,
+                                         num_adapters).to(lut.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
         acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
         dbias = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=acc).to(ctx.bias_dtype)
-    return dx, None, dlut, dbias
+    return dx, None, dlut, dbias, None
 
 
 torch.library.register_autograd("spallm::lut_linear", _backward, setup_context=_setup_context)

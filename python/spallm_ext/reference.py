@@ -30,7 +30,24 @@ def _acc(t: Tensor) -> Tensor:
     return t.to(torch.float64)
 
 
-def lut_linear(x: Tensor, codes: Tensor, lut: Tensor, bias: Tensor | None = None) -> Tensor:
+def _per_adapter(fn, t: Tensor, lut: Tensor, adapter_index: Tensor, out_features: int) -> Tensor:
+    """Run fn(rows, lut[a]) on each adapter's tokens of t [..., F] and put the results back."""
+    flat = t.reshape(-1, t.shape[-1])
+    idx = adapter_index.reshape(-1)
+    out = None
+    for a in range(lut.shape[0]):
+        rows = (idx == a).nonzero().flatten()
+        ya = fn(flat[rows], lut[a])
+        if out is None:
+            out = flat.new_zeros(flat.shape[0], out_features, dtype=ya.dtype)
+        out[rows] = ya
+    return out.reshape(*t.shape[:-1], out_features)
+
+
+def lut_linear(x: Tensor, codes: Tensor, lut: Tensor, bias: Tensor | None = None,
+               adapter_index: Tensor | None = None) -> Tensor:
+    if adapter_index is not None:
+        return _per_adapter(lambda xs, la: lut_linear(xs, codes, la, bias), x, lut, adapter_index, lut.shape[-3])
     w = _acc(lut_decode(codes, lut))
     y = _acc(x) @ w.T
     if bias is not None:
@@ -38,11 +55,20 @@ def lut_linear(x: Tensor, codes: Tensor, lut: Tensor, bias: Tensor | None = None
     return y.to(x.dtype)
 
 
-def lut_linear_dx(dy: Tensor, codes: Tensor, lut: Tensor) -> Tensor:
+def lut_linear_dx(dy: Tensor, codes: Tensor, lut: Tensor, adapter_index: Tensor | None = None) -> Tensor:
+    if adapter_index is not None:
+        k = unpack_codes(codes, {4: 2, 8: 3, 16: 4}[lut.shape[-1]]).shape[1]
+        return _per_adapter(lambda d, la: lut_linear_dx(d, codes, la), dy, lut, adapter_index, k)
     return (_acc(dy) @ _acc(lut_decode(codes, lut))).to(dy.dtype)
 
 
-def lut_grad(dy: Tensor, x: Tensor, codes: Tensor, groups_per_row: int, num_entries: int) -> Tensor:
+def lut_grad(dy: Tensor, x: Tensor, codes: Tensor, groups_per_row: int, num_entries: int,
+             adapter_index: Tensor | None = None, num_adapters: int = 0) -> Tensor:
+    if adapter_index is not None:
+        idx = adapter_index.reshape(-1)
+        dyf, xf = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        return torch.stack([lut_grad(dyf[idx == a], xf[idx == a], codes, groups_per_row, num_entries)
+                            for a in range(num_adapters)])
     n = codes.shape[0]
     dw = _acc(dy).reshape(-1, n).T @ _acc(x).reshape(-1, x.shape[-1])
     idx = lut_gather_index(codes, groups_per_row, num_entries)
