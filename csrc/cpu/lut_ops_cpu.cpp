@@ -14,8 +14,8 @@
 #include <torch/library.h>
 
 #include "checks.h"
-#include "multi_adapter.h"
 #include "codes.h"
+#include "multi_adapter.h"
 
 namespace spallm {
 namespace {
@@ -132,12 +132,12 @@ at::Tensor lut_grad_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   check_same_device(op, "dy", dy, "codes", codes);
   check_same_device(op, "x", x, "codes", codes);
   SPALLM_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), op, ": arguments 'dy' and 'x' must have one dtype, got ",
-                   dy.scalar_type(), " and ", x.scalar_type());
+                    dy.scalar_type(), " and ", x.scalar_type());
   const at::ScalarType acc = acc_type(x.scalar_type());
   const at::Tensor dya = as_tokens(dy).to(acc);
   const at::Tensor xa = as_tokens(x).to(acc).contiguous();
   SPALLM_CHECK_VALUE(dya.size(0) == xa.size(0), op, ": arguments 'dy' and 'x' must have the same number of "
-                    "tokens, got ", dya.size(0), " and ", xa.size(0));
+                     "tokens, got ", dya.size(0), " and ", xa.size(0));
   at::Tensor dlut = at::zeros({s.N, s.G, s.E}, x.options().dtype(acc));
   if (xa.size(0) == 0) return dlut;
   const int64_t step = tile_rows(s);

@@ -22,7 +22,7 @@ cuda::DType cuda_dtype(const char* op, const char* arg, const at::Tensor& t) {
     case at::kBFloat16: return cuda::DType::BF16;
     default:
       SPALLM_CHECK_TYPE(false, op, ": argument '", arg, "' must be float32, bfloat16 or float16 on CUDA, "
-                       "got ", t.scalar_type());
+                        "got ", t.scalar_type());
   }
   return cuda::DType::F32;
 }
@@ -87,12 +87,12 @@ at::Tensor lut_grad_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
   check_same_device(op, "dy", dy, "codes", codes);
   check_same_device(op, "x", x, "codes", codes);
   SPALLM_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), op, ": arguments 'dy' and 'x' must have one dtype, got ",
-                   dy.scalar_type(), " and ", x.scalar_type());
+                    dy.scalar_type(), " and ", x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor dyc = as_tokens(dy).contiguous();
   const at::Tensor xc = as_tokens(x).contiguous();
   SPALLM_CHECK_VALUE(dyc.size(0) == xc.size(0), op, ": arguments 'dy' and 'x' must have the same number of "
-                    "tokens, got ", dyc.size(0), " and ", xc.size(0));
+                     "tokens, got ", dyc.size(0), " and ", xc.size(0));
   // Every element is written by the kernel, zeros included.
   at::Tensor dlut = at::empty({s.N, s.G, s.E}, x.options().dtype(at::kFloat));
   C10_CUDA_CHECK(cuda::lut_grad(problem(s, xc.size(0)), dyc.const_data_ptr(), xc.const_data_ptr(),
