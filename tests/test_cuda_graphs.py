@@ -1,0 +1,33 @@
+"""The single-LUT ops launch without host syncs, so a CUDA graph can capture them (decode loops
+replay them as one graph). The multi-adapter path syncs (index range check) and is not capturable."""
+from __future__ import annotations
+
+import torch
+
+import spallm_ext
+
+from conftest import CUDA_MARKS, make_sketch
+
+pytestmark = CUDA_MARKS
+
+
+def test_lut_linear_and_backward_ops_replay_in_a_cuda_graph():
+    codes, lut = make_sketch(64, 128, 4, 4, device="cuda", seed=1)
+    x = torch.randn(3, 128, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(3, 64, device="cuda", dtype=torch.bfloat16)
+    ops = lambda: (spallm_ext.lut_linear(x, codes, lut), spallm_ext.lut_linear_dx(dy, codes, lut),  # noqa: E731
+                   spallm_ext.lut_grad(dy, x, codes, 4, 16))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops()  # warm-up outside the capture, as torch.cuda.graphs recommends
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = ops()
+    x.copy_(torch.randn_like(x))
+    dy.copy_(torch.randn_like(dy))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(outs, ops()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # same kernels, same inputs: identical
