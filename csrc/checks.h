@@ -82,11 +82,6 @@ void check_activation(const char* op, const char* arg, const at::Tensor& t, int6
 void check_same_device(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
                        const at::Tensor& ref);
 
-// Number of tokens of a [..., features] tensor.
-inline int64_t tokens_of(const at::Tensor& t) {
-  return t.dim() == 0 ? 0 : t.numel() / std::max<int64_t>(t.size(-1), 1);
-}
-
 // [..., features] as a 2-D [tokens, features] view (or copy). Unlike reshape({-1, features}) this
 // also works when features == 0.
 inline at::Tensor as_tokens(const at::Tensor& t) {

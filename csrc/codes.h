@@ -52,11 +52,6 @@ SPALLM_HD int code_at(const uint8_t* row, int64_t c) {
   }
 }
 
-// Runtime-bits dispatch for code that is not on a hot path.
-SPALLM_HD int code_at(const uint8_t* row, int64_t c, int bits) {
-  return bits == 4 ? code_at<4>(row, c) : bits == 2 ? code_at<2>(row, c) : code_at<3>(row, c);
-}
-
 }  // namespace spallm
 
 // Call F.template operator()<B>() with B the compile-time twin of a runtime bit width.

@@ -45,13 +45,17 @@ def in_features_of(codes: Tensor, bits: int) -> int:
     return nbytes // 3 * 8 if check_bits(bits) == 3 else nbytes * 8 // bits
 
 
-def bits_of(lut: Tensor) -> int:
-    """Code width from a LUT [..., 2^bits]."""
-    entries = lut.shape[-1]
+def bits_for_entries(entries: int) -> int:
+    """Code width of a LUT with `entries` values: 4 -> 2, 8 -> 3, 16 -> 4."""
     table = {4: 2, 8: 3, 16: 4}
     if entries not in table:
         raise ValueError(f"lut must have 4, 8 or 16 entries in its last dimension, got {entries}")
     return table[entries]
+
+
+def bits_of(lut: Tensor) -> int:
+    """Code width from a LUT [..., 2^bits]."""
+    return bits_for_entries(lut.shape[-1])
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:

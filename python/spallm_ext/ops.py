@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_ENTRIES_TO_BITS = {4: 2, 8: 3, 16: 4}
+from .formats import bits_for_entries, in_features_of
+
 
 
 def lut_linear(x: Tensor, codes: Tensor, lut: Tensor, bias: Tensor | None = None,
@@ -40,10 +41,7 @@ def lut_decode(codes: Tensor, lut: Tensor) -> Tensor:
 
 
 def _in_features(codes: Tensor, entries: int) -> int:
-    bits = _ENTRIES_TO_BITS.get(int(entries))
-    torch._check(bits is not None, lambda: f"lut must have 4, 8 or 16 entries, got {entries}")
-    nbytes = codes.shape[1]
-    return nbytes // 3 * 8 if bits == 3 else nbytes * 8 // bits
+    return in_features_of(codes, bits_for_entries(int(entries)))
 
 
 def _check_lut_shape(codes: Tensor, lut: Tensor, stacked: bool = False) -> None:

@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .formats import unpack_codes
+from .formats import bits_for_entries, in_features_of, unpack_codes
 
 
 def lut_gather_index(codes: Tensor, groups_per_row: int, num_entries: int) -> Tensor:
     """Flat index into lut.view(out, G * 2^bits) of every weight: g(c) * 2^bits + code."""
-    bits = {4: 2, 8: 3, 16: 4}[num_entries]
+    bits = bits_for_entries(num_entries)
     k = unpack_codes(codes, bits).long()
     in_features = k.shape[1]
     group = torch.arange(in_features, device=codes.device) // (in_features // groups_per_row)
@@ -57,7 +57,7 @@ def lut_linear(x: Tensor, codes: Tensor, lut: Tensor, bias: Tensor | None = None
 
 def lut_linear_dx(dy: Tensor, codes: Tensor, lut: Tensor, adapter_index: Tensor | None = None) -> Tensor:
     if adapter_index is not None:
-        k = unpack_codes(codes, {4: 2, 8: 3, 16: 4}[lut.shape[-1]]).shape[1]
+        k = in_features_of(codes, bits_for_entries(lut.shape[-1]))
         return _per_adapter(lambda d, la: lut_linear_dx(d, codes, la), dy, lut, adapter_index, k)
     return (_acc(dy) @ _acc(lut_decode(codes, lut))).to(dy.dtype)
 
