@@ -84,7 +84,7 @@ at::Tensor lut_linear_dx_adapters(LinearDxFn one, const at::Tensor& dy, const at
 
 at::Tensor lut_grad_adapters(LutGradFn one, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& codes,
                              int64_t groups_per_row, int64_t num_entries, const at::Tensor& adapter_index,
-                             int64_t num_adapters) {
+                             int64_t num_adapters, bool deterministic) {
   constexpr const char* op = "spallm.lut_grad";
   SPALLM_CHECK_VALUE(num_adapters >= 1, op, ": with 'adapter_index', argument 'num_adapters' must be >= 1, got ",
                      num_adapters);
@@ -94,11 +94,12 @@ at::Tensor lut_grad_adapters(LutGradFn one, const at::Tensor& dy, const at::Tens
                      "tokens, got ", dy2.size(0), " and ", x2.size(0));
   const auto groups = group_tokens(op, adapter_index, x2.size(0), num_adapters, codes);
   // The single-adapter op validates shapes and gives the dtype; its M = 0 result is all zeros.
-  const at::Tensor zero = one(dy2.narrow(0, 0, 0), x2.narrow(0, 0, 0), codes, groups_per_row, num_entries);
+  const at::Tensor zero =
+      one(dy2.narrow(0, 0, 0), x2.narrow(0, 0, 0), codes, groups_per_row, num_entries, deterministic);
   at::Tensor dlut = at::zeros({num_adapters, zero.size(0), zero.size(1), zero.size(2)}, zero.options());
   for (const auto& [a, rows] : groups) {
     dlut.select(0, a).copy_(one(dy2.index_select(0, rows), x2.index_select(0, rows), codes, groups_per_row,
-                                num_entries));
+                                num_entries, deterministic));
   }
   return dlut;
 }

@@ -17,7 +17,7 @@ using LinearFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor& codes, co
                                 const std::optional<at::Tensor>& bias);
 using LinearDxFn = at::Tensor (*)(const at::Tensor& dy, const at::Tensor& codes, const at::Tensor& lut);
 using LutGradFn = at::Tensor (*)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& codes,
-                                 int64_t groups_per_row, int64_t num_entries);
+                                 int64_t groups_per_row, int64_t num_entries, bool deterministic);
 
 at::Tensor lut_linear_adapters(LinearFn one, const at::Tensor& x, const at::Tensor& codes,
                                const at::Tensor& lut, const std::optional<at::Tensor>& bias,
@@ -28,7 +28,7 @@ at::Tensor lut_linear_dx_adapters(LinearDxFn one, const at::Tensor& dy, const at
 // uses get zeros.
 at::Tensor lut_grad_adapters(LutGradFn one, const at::Tensor& dy, const at::Tensor& x,
                              const at::Tensor& codes, int64_t groups_per_row, int64_t num_entries,
-                             const at::Tensor& adapter_index, int64_t num_adapters);
+                             const at::Tensor& adapter_index, int64_t num_adapters, bool deterministic);
 
 // Defines prefix_lut_linear, prefix_lut_linear_dx and prefix_lut_grad: the functions a backend
 // registers. They take the optional adapter arguments and route to the functions above when
@@ -47,11 +47,12 @@ at::Tensor lut_grad_adapters(LutGradFn one, const at::Tensor& dy, const at::Tens
   }                                                                                                      \
   at::Tensor prefix##_lut_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& codes,        \
                                int64_t groups, int64_t entries,                                          \
-                               const std::optional<at::Tensor>& adapter_index, int64_t num_adapters) {    \
+                               const std::optional<at::Tensor>& adapter_index, int64_t num_adapters,      \
+                               bool deterministic) {                                                     \
     return adapter_index                                                                                 \
                ? ::spallm::lut_grad_adapters(&grad_one, dy, x, codes, groups, entries, *adapter_index,   \
-                                             num_adapters)                                               \
-               : grad_one(dy, x, codes, groups, entries);                                                \
+                                             num_adapters, deterministic)                                \
+               : grad_one(dy, x, codes, groups, entries, deterministic);                                 \
   }
 
 }  // namespace spallm

@@ -16,8 +16,10 @@ TORCH_LIBRARY(spallm, m) {
   // dlut[r, g, k] = sum over columns c of group g with code k of (dy^T x)[r, c], fp32 (fp64 for
   // fp64 inputs). groups_per_row and num_entries fix the LUT shape, which the codes alone don't.
   // With adapter_index, dlut is [num_adapters, N, G, 2^b] and each token's part goes to its adapter.
+  // deterministic=True forbids float atomics (bit-identical results run to run); kernels that are
+  // deterministic anyway ignore it. ops.py sets it from torch.are_deterministic_algorithms_enabled().
   m.def("lut_grad(Tensor dy, Tensor x, Tensor codes, int groups_per_row, int num_entries, "
-        "Tensor? adapter_index=None, int num_adapters=0) -> Tensor");
+        "Tensor? adapter_index=None, int num_adapters=0, bool deterministic=False) -> Tensor");
   // Dense W [N, K] in the LUT's dtype (export, merge, debugging).
   m.def("lut_decode(Tensor codes, Tensor lut) -> Tensor");
 }

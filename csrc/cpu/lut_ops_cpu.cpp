@@ -123,8 +123,9 @@ void reduce_into_buckets(const LutShape& s, const uint8_t* codes, const acc_t* d
   });
 }
 
+// Always deterministic (fixed-order bucket sums), so `deterministic` changes nothing here.
 at::Tensor lut_grad_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& codes,
-                        int64_t groups_per_row, int64_t num_entries) {
+                        int64_t groups_per_row, int64_t num_entries, bool /*deterministic*/) {
   constexpr const char* op = "spallm.lut_grad";
   const LutShape s = check_codes_groups(op, codes, groups_per_row, num_entries);
   check_activation(op, "dy", dy, s.N, /*allow_double=*/true);

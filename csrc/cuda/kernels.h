@@ -33,9 +33,10 @@ cudaError_t lut_linear(const LutProblem& p, const void* x, DType act_type, const
 cudaError_t lut_linear_dx(const LutProblem& p, const void* dy, DType act_type, const uint8_t* codes,
                           const void* lut, DType lut_type, void* dx, cudaStream_t stream);
 
-// dlut[N, G, 2^bits] (fp32, fully written) = bucket sums of dy^T x; deterministic (no float atomics).
+// dlut[N, G, 2^bits] (fp32, fully written) = bucket sums of dy^T x. With deterministic = true no
+// float atomics are used, so results are bit-identical run to run.
 cudaError_t lut_grad(const LutProblem& p, const void* dy, const void* x, DType act_type,
-                     const uint8_t* codes, float* dlut, cudaStream_t stream);
+                     const uint8_t* codes, float* dlut, bool deterministic, cudaStream_t stream);
 
 // w[N, K] = decoded weight, in the LUT's own dtype.
 cudaError_t lut_decode(const LutProblem& p, const uint8_t* codes, const void* lut, DType lut_type,

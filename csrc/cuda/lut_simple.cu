@@ -212,7 +212,7 @@ cudaError_t lut_linear_dx(const LutProblem& p, const void* dy, DType act_type, c
 }
 
 cudaError_t lut_grad(const LutProblem& p, const void* dy, const void* x, DType act_type,
-                     const uint8_t* codes, float* dlut, cudaStream_t stream) {
+                     const uint8_t* codes, float* dlut, bool /*deterministic: always*/, cudaStream_t stream) {
   if (bad_problem(p)) return cudaErrorInvalidValue;
   // M == 0 still runs: the kernel then writes the all-zero dlut the contract promises.
   if (p.N == 0) return cudaSuccess;

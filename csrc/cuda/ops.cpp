@@ -79,7 +79,7 @@ at::Tensor lut_linear_dx_cuda(const at::Tensor& dy, const at::Tensor& codes, con
 }
 
 at::Tensor lut_grad_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& codes,
-                         int64_t groups_per_row, int64_t num_entries) {
+                         int64_t groups_per_row, int64_t num_entries, bool deterministic) {
   constexpr const char* op = "spallm.lut_grad";
   const LutShape s = check_codes_groups(op, codes, groups_per_row, num_entries);
   check_activation(op, "dy", dy, s.N, /*allow_double=*/false);
@@ -97,7 +97,8 @@ at::Tensor lut_grad_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
   at::Tensor dlut = at::empty({s.N, s.G, s.E}, x.options().dtype(at::kFloat));
   C10_CUDA_CHECK(cuda::lut_grad(problem(s, xc.size(0)), dyc.const_data_ptr(), xc.const_data_ptr(),
                                 cuda_dtype(op, "x", x), codes.const_data_ptr<uint8_t>(),
-                                dlut.mutable_data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
+                                dlut.mutable_data_ptr<float>(), deterministic,
+                                at::cuda::getCurrentCUDAStream()));
   return dlut;
 }
 

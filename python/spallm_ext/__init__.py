@@ -36,7 +36,7 @@ _C = _load_native()
 from . import ops  # noqa: E402  (fake + autograd registrations)
 from .formats import pack_codes, unpack_codes, from_official, to_official  # noqa: E402
 from .nn import SketchedLinear  # noqa: E402
-from .ops import lut_decode, lut_grad, lut_linear, lut_linear_dx  # noqa: E402
+from .ops import lut_decode, lut_grad, lut_linear, lut_linear_dx, set_deterministic  # noqa: E402
 from .sketch import register_sketcher, weighted_lloyd  # noqa: E402
 from .sketch import SketchConfig, hessian_sketch  # noqa: E402
 from .convert import SketchReport, sketch_model  # noqa: E402
@@ -66,6 +66,7 @@ __all__ = [
     "load_sketched",
     "save_adapter",
     "save_sketched",
+    "set_deterministic",
     "sketch_model",
     "from_official",
     "lut_decode",

@@ -29,10 +29,33 @@ def lut_linear_dx(dy: Tensor, codes: Tensor, lut: Tensor, adapter_index: Tensor 
 
 
 def lut_grad(dy: Tensor, x: Tensor, codes: Tensor, groups_per_row: int, num_entries: int,
-             adapter_index: Tensor | None = None, num_adapters: int = 0) -> Tensor:
+             adapter_index: Tensor | None = None, num_adapters: int = 0,
+             deterministic: bool | None = None) -> Tensor:
     """dlut[r, g, k]: sum of (dy^T x)[r, c] over the columns c of group g whose code is k (fp32).
-    With adapter_index: [num_adapters, N, G, 2^b], each token's part in its own adapter."""
-    return torch.ops.spallm.lut_grad(dy, x, codes, groups_per_row, num_entries, adapter_index, num_adapters)
+    With adapter_index: [num_adapters, N, G, 2^b], each token's part in its own adapter.
+    ``deterministic`` (default: :func:`deterministic_grads`) forbids float atomics."""
+    if deterministic is None:
+        deterministic = deterministic_grads()
+    return torch.ops.spallm.lut_grad(dy, x, codes, groups_per_row, num_entries, adapter_index, num_adapters,
+                                     deterministic)
+
+
+_DETERMINISTIC = False
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Make every LUT gradient bit-identical run to run (no float atomics in lut_grad).
+
+    torch.use_deterministic_algorithms(True) has the same effect; this switch is for runs that want
+    deterministic LUT gradients without PyTorch's other deterministic restrictions."""
+    global _DETERMINISTIC
+    _DETERMINISTIC = bool(enabled)
+
+
+def deterministic_grads() -> bool:
+    """True when lut_grad must be deterministic: set_deterministic(True) or
+    torch.are_deterministic_algorithms_enabled()."""
+    return _DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
 
 
 def lut_decode(codes: Tensor, lut: Tensor) -> Tensor:
@@ -66,7 +89,8 @@ def _lut_linear_dx_fake(dy, codes, lut, adapter_index=None):
 
 
 @torch.library.register_fake("spallm::lut_grad")
-def _lut_grad_fake(dy, x, codes, groups_per_row, num_entries, adapter_index=None, num_adapters=0):
+def _lut_grad_fake(dy, x, codes, groups_per_row, num_entries, adapter_index=None, num_adapters=0,
+                   deterministic=False):
     torch._check(codes.dim() == 2, lambda: "codes must be 2-D")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     shape = (codes.shape[0], groups_per_row, num_entries)
@@ -95,7 +119,7 @@ def _backward(ctx, dy):
     if ctx.needs_input_grad[2]:
         num_adapters = lut.shape[0] if adapter_index is not None else 0
         dlut = torch.ops.spallm.lut_grad(dy, x, codes, lut.shape[-2], lut.shape[-1], adapter_index,
-                                         num_adapters).to(lut.dtype)
+                                         num_adapters, deterministic_grads()).to(lut.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
         acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
         dbias = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=acc).to(ctx.bias_dtype)
