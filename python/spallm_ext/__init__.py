@@ -42,6 +42,8 @@ from .sketch import SketchConfig, hessian_sketch  # noqa: E402
 from .convert import SketchReport, sketch_model  # noqa: E402
 from .adapters import (codes_hash, load_adapter, load_official, load_sketched, save_adapter,  # noqa: E402
                        save_sketched)
+from .multi_adapter import (adapter_luts, adapter_names, save_stacked_adapter, stack_adapters,  # noqa: E402
+                            unstack_adapters, use_adapters)
 
 
 def build_info() -> dict:
@@ -78,4 +80,10 @@ __all__ = [
     "to_official",
     "unpack_codes",
     "weighted_lloyd",
+    "adapter_luts",
+    "adapter_names",
+    "save_stacked_adapter",
+    "stack_adapters",
+    "unstack_adapters",
+    "use_adapters",
 ]

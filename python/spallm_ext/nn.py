@@ -20,6 +20,11 @@ class SketchedLinear(nn.Module):
       (fp32 by default: the master copy the optimizer updates; kernels read it as it is and
       accumulate in fp32 whatever the activation dtype).
     * ``bias``: optional, frozen unless ``train_bias=True``; cast to the activation dtype per call.
+    * ``lut_stack`` / ``adapter_index``: None unless spallm_ext.multi_adapter is in use:
+      ``stack_adapters`` puts a stack of LUT sets [A, out, G, 2^bits] sharing these codes in
+      ``lut_stack``, and inside ``use_adapters`` the forward reads ``lut_stack`` with
+      ``adapter_index`` (an int: one adapter for the whole batch; or a tensor with one entry per
+      sequence, i.e. per index of x's first dimension, or per token) instead of ``lut``.
 
     Under torch.autocast the input is cast to the autocast dtype, as nn.Linear's would be.
     Non-finite LUT values propagate like a matmul with the decoded weight: every output that
@@ -51,6 +56,8 @@ class SketchedLinear(nn.Module):
                                      requires_grad=train_bias)
         else:
             self.register_parameter("bias", None)
+        self.register_parameter("lut_stack", None)
+        self.adapter_index: int | Tensor | None = None
         self.reset_parameters()
 
     @property
@@ -88,7 +95,15 @@ class SketchedLinear(nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        return ops.lut_linear(x, self.codes, self.lut, bias)
+        index = self.adapter_index
+        if index is None:
+            return ops.lut_linear(x, self.codes, self.lut, bias)
+        if self.lut_stack is None:
+            raise RuntimeError("SketchedLinear: adapter_index is set but there is no lut_stack: "
+                               "call spallm_ext.stack_adapters(model, ...) first")
+        if isinstance(index, int):  # one adapter for every token: the plain single-LUT kernel
+            return ops.lut_linear(x, self.codes, self.lut_stack[index], bias)
+        return ops.lut_linear(x, self.codes, self.lut_stack, bias, _per_token(index, x))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, groups_per_row: int = 1,
@@ -139,7 +154,22 @@ class SketchedLinear(nn.Module):
     def extra_repr(self) -> str:
         nbytes = self.storage_bytes()
         bpw = 8.0 * nbytes / (self.in_features * self.out_features)
+        stack = "" if self.lut_stack is None else f", adapters={self.lut_stack.shape[0]}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"groups_per_row={self.groups_per_row}, bias={self.bias is not None}, "
                 f"lut_dtype={str(self.lut.dtype).replace('torch.', '')}, "
-                f"bytes={nbytes} ({bpw:.2f} bits/weight)")
+                f"bytes={nbytes} ({bpw:.2f} bits/weight){stack}")
+
+
+def _per_token(index: Tensor, x: Tensor) -> Tensor:
+    """The op's one-adapter-per-token index for x [..., K] from `index`, which holds one entry per
+    token (any shape with that many entries) or, 1-D, one per sequence (x's first dimension).
+    When both readings fit (x with one token per sequence) they mean the same thing."""
+    tokens = math.prod(x.shape[:-1])
+    if index.numel() == tokens:
+        return index.reshape(-1)
+    if index.dim() == 1 and x.dim() >= 2 and index.shape[0] == x.shape[0]:
+        return index.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1]).reshape(-1)
+    raise ValueError(f"index (the adapter index given to use_adapters) has {index.numel()} entries "
+                     f"(shape {tuple(index.shape)}); an input of shape {tuple(x.shape)} needs one per "
+                     f"sequence ({x.shape[0] if x.dim() >= 2 else 'n/a'}) or one per token ({tokens})")
