@@ -36,20 +36,40 @@ SPALLM_HD constexpr int64_t unpacked_row_len(int64_t row_bytes, int bits) {
   return bits == 3 ? row_bytes / 3 * 8 : row_bytes * 8 / bits;
 }
 
+// Code of column c of a packed row whose bytes come from `byte(i)`. The bit layout lives here
+// once; code_at reads bytes from memory, and the CUDA kernels read them from code words already
+// in registers (RegisterBytes below), where constant column indices fold into shifts and masks.
+template <int BITS, typename Bytes>
+SPALLM_HD int code_from(const Bytes& byte, int64_t c) {
+  if constexpr (BITS == 4) {
+    return (byte(c >> 1) >> ((~c & 1) << 2)) & 0xF;
+  } else if constexpr (BITS == 2) {
+    return (byte(c >> 2) >> ((3 - (c & 3)) << 1)) & 0x3;
+  } else {
+    static_assert(BITS == 3, "bits must be 2, 3 or 4");
+    const int64_t chunk = (c >> 3) * 3;
+    const int s = 7 - static_cast<int>(c & 7);
+    return ((byte(chunk) >> s) & 1) | (((byte(chunk + 1) >> s) & 1) << 1) | (((byte(chunk + 2) >> s) & 1) << 2);
+  }
+}
+
+struct MemoryBytes {
+  const uint8_t* p;
+  SPALLM_HD uint32_t operator()(int64_t i) const { return p[i]; }
+};
+
+// Bytes of little-endian 32-bit words (byte i is bits 8*(i%4).. of word i/4), as loaded by a
+// kernel's vector loads of a packed row.
+struct RegisterBytes {
+  const uint32_t* w;
+  SPALLM_HD uint32_t operator()(int64_t i) const { return (w[i >> 2] >> ((i & 3) << 3)) & 0xFF; }
+};
+
 // Code of column c in one packed row. BITS is a template argument so the hot loops of the
 // kernels compile to straight shifts and masks.
 template <int BITS>
 SPALLM_HD int code_at(const uint8_t* row, int64_t c) {
-  if constexpr (BITS == 4) {
-    return (row[c >> 1] >> ((~c & 1) << 2)) & 0xF;
-  } else if constexpr (BITS == 2) {
-    return (row[c >> 2] >> ((3 - (c & 3)) << 1)) & 0x3;
-  } else {
-    static_assert(BITS == 3, "bits must be 2, 3 or 4");
-    const uint8_t* chunk = row + (c >> 3) * 3;
-    const int s = 7 - static_cast<int>(c & 7);
-    return ((chunk[0] >> s) & 1) | (((chunk[1] >> s) & 1) << 1) | (((chunk[2] >> s) & 1) << 2);
-  }
+  return code_from<BITS>(MemoryBytes{row}, c);
 }
 
 }  // namespace spallm

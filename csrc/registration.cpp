@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "kernel_select.h"
+
 TORCH_LIBRARY(spallm, m) {
   // y = x W^T (+ bias), W[r, c] = lut[r, c / (K/G), code[r, c]]; x: [..., K] -> y: [..., N].
   // With adapter_index (one int per token), lut is a stack [A, N, G, 2^b] of adapters sharing the
@@ -23,6 +25,17 @@ TORCH_LIBRARY(spallm, m) {
   // Dense W [N, K] in the LUT's dtype (export, merge, debugging).
   m.def("lut_decode(Tensor codes, Tensor lut) -> Tensor");
 }
+
+#ifndef SPALLM_WITH_CUDA
+// CPU-only build: there is no kernel to choose (csrc/kernel_select.h).
+namespace spallm {
+bool set_cuda_kernel(const std::string& name) {
+  return name == "auto" || name == "simple" || name == "mma" || name == "decode_gemm";
+}
+std::string cuda_kernel() { return "auto"; }
+std::string last_cuda_plan() { return "none (no CUDA in this build)"; }
+}  // namespace spallm
+#endif
 
 namespace py = pybind11;
 
@@ -48,4 +61,8 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return d;
   });
+  m.def("set_cuda_kernel", &spallm::set_cuda_kernel,
+        "Force the CUDA forward path: 'auto', 'simple', 'mma' or 'decode_gemm'; False if unknown");
+  m.def("cuda_kernel", &spallm::cuda_kernel, "The forced CUDA path ('auto' when none)");
+  m.def("last_cuda_plan", &spallm::last_cuda_plan, "What the last CUDA lut_linear / lut_linear_dx ran");
 }

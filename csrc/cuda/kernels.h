@@ -42,4 +42,19 @@ cudaError_t lut_grad(const LutProblem& p, const void* dy, const void* x, DType a
 cudaError_t lut_decode(const LutProblem& p, const uint8_t* codes, const void* lut, DType lut_type,
                        void* w, cudaStream_t stream);
 
+// ---- Fast paths (dispatch.h decides when each runs; callers check its *_supports first) ----
+
+// w[N, K] = the decoded weight in out_type: rounded to nearest even, so out_type == lut_type copies
+// the LUT values bit for bit (lut_decode_fast.cu). Needs fast_decode_supports().
+cudaError_t lut_decode_fast(const LutProblem& p, const uint8_t* codes, const void* lut, DType lut_type,
+                            void* w, DType out_type, cudaStream_t stream);
+
+// y = x W^T (+ bias) on tensor cores with W decoded tile by tile in shared memory (lut_mma.cu).
+// act_type is BF16 or F16 and W is rounded to it, as a bf16/fp16 nn.Linear's weight would be;
+// fp32 accumulation. block_m in {16, 32, 64, 128}; with splits > 1 `workspace` holds
+// splits * M * N floats (partial sums, added in split order: deterministic). Needs mma_supports().
+cudaError_t lut_linear_mma(const LutProblem& p, const void* x, DType act_type, const uint8_t* codes,
+                           const void* lut, DType lut_type, const void* bias, void* y, int block_m,
+                           int splits, float* workspace, cudaStream_t stream);
+
 }  // namespace spallm::cuda

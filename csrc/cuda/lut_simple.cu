@@ -14,6 +14,7 @@
 #include "cuda/decode.cuh"
 #include "cuda/dtype.cuh"
 #include "cuda/kernels.h"
+#include "cuda/launch.cuh"
 #include "cuda/reduce.cuh"
 
 namespace spallm::cuda {
@@ -24,8 +25,6 @@ constexpr int kWarps = kThreads / kWarp;
 constexpr int kTokens = 8;
 // Enough blocks to fill any GPU many times over; the grid-stride loops cover the rest.
 constexpr int64_t kMaxBlocks = int64_t(1) << 20;
-
-__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 unsigned blocks_for(int64_t items) { return static_cast<unsigned>(std::min(items, kMaxBlocks)); }
 

@@ -2,6 +2,10 @@
 // backend (csrc/checks.h), except that fp64 is a TypeError here. Inputs are made contiguous and
 // handed as raw pointers to the kernels of kernels.h, launched on the current stream of the
 // tensors' device. Leading dims of x / dy flatten into tokens; outputs keep them.
+//
+// Which kernel runs is dispatch.cpp's decision (a Plan); this file only carries it out: the
+// decode_gemm path's cuBLAS GEMM and the workspaces come from ATen (caching allocator, current
+// stream, so CUDA graphs capture them like any other op).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -9,11 +13,27 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "kernel_select.h"
 #include "multi_adapter.h"
+#include "cuda/dispatch.h"
 #include "cuda/kernels.h"
 
 namespace spallm {
+
 namespace {
+
+thread_local cuda::Plan t_last_plan;  // what the last CUDA call on this thread ran (for tests)
+
+cuda::DeviceInfo device_info(const at::Device& device) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device.index());
+  cuda::DeviceInfo d;
+  d.sm_count = prop->multiProcessorCount;
+  d.major = prop->major;
+  d.minor = prop->minor;
+  return d;
+}
+
+uintptr_t address(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()); }
 
 cuda::DType cuda_dtype(const char* op, const char* arg, const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -55,11 +75,39 @@ at::Tensor lut_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const a
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = as_tokens(x).contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor y = at::empty({xc.size(0), s.N}, x.options());
-  C10_CUDA_CHECK(cuda::lut_linear(problem(s, xc.size(0)), xc.const_data_ptr(), cuda_dtype(op, "x", x),
-                                  codes.const_data_ptr<uint8_t>(), lut.const_data_ptr(),
-                                  cuda_dtype(op, "lut", lut), bc.defined() ? bc.const_data_ptr() : nullptr,
-                                  y.mutable_data_ptr(), at::cuda::getCurrentCUDAStream()));
+  const cuda::LutProblem p = problem(s, xc.size(0));
+  const cuda::DType act = cuda_dtype(op, "x", x), lut_type = cuda_dtype(op, "lut", lut);
+  cuda::CallInfo call;
+  call.act = act;
+  call.lut = lut_type;
+  call.act_ptr = address(xc);
+  call.codes_ptr = address(codes);
+  const cuda::Plan plan = cuda::plan_lut_linear(p, call, device_info(x.device()));
+  t_last_plan = plan;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor y;
+  if (plan.path == cuda::Path::DecodeGemm) {
+    // W in the activation dtype, then cuBLAS: same rounding of W as a bf16/fp16 nn.Linear, and
+    // fp32 follows torch's own fp32 matmul settings (TF32 only if the user allowed it).
+    at::Tensor w = at::empty({s.N, s.K}, x.options());
+    C10_CUDA_CHECK(cuda::lut_decode_fast(p, codes.const_data_ptr<uint8_t>(), lut.const_data_ptr(), lut_type,
+                                         w.mutable_data_ptr(), act, stream));
+    y = bc.defined() ? at::addmm(bc, xc, w.t()) : at::mm(xc, w.t());
+  } else {
+    y = at::empty({xc.size(0), s.N}, x.options());
+    const void* bias_ptr = bc.defined() ? bc.const_data_ptr() : nullptr;
+    if (plan.path == cuda::Path::Mma) {
+      at::Tensor ws;
+      if (plan.splits > 1) ws = at::empty({plan.splits * p.M * p.N}, x.options().dtype(at::kFloat));
+      C10_CUDA_CHECK(cuda::lut_linear_mma(p, xc.const_data_ptr(), act, codes.const_data_ptr<uint8_t>(),
+                                          lut.const_data_ptr(), lut_type, bias_ptr, y.mutable_data_ptr(),
+                                          plan.block_m, plan.splits,
+                                          ws.defined() ? ws.mutable_data_ptr<float>() : nullptr, stream));
+    } else {
+      C10_CUDA_CHECK(cuda::lut_linear(p, xc.const_data_ptr(), act, codes.const_data_ptr<uint8_t>(),
+                                      lut.const_data_ptr(), lut_type, bias_ptr, y.mutable_data_ptr(), stream));
+    }
+  }
   return y.reshape(sizes_with_last(x.sizes(), s.N));
 }
 
@@ -70,11 +118,27 @@ at::Tensor lut_linear_dx_cuda(const at::Tensor& dy, const at::Tensor& codes, con
   check_same_device(op, "dy", dy, "codes", codes);
   const c10::cuda::CUDAGuard guard(dy.device());
   const at::Tensor dyc = as_tokens(dy).contiguous();
-  at::Tensor dx = at::empty({dyc.size(0), s.K}, dy.options());
-  C10_CUDA_CHECK(cuda::lut_linear_dx(problem(s, dyc.size(0)), dyc.const_data_ptr(), cuda_dtype(op, "dy", dy),
-                                     codes.const_data_ptr<uint8_t>(), lut.const_data_ptr(),
-                                     cuda_dtype(op, "lut", lut), dx.mutable_data_ptr(),
-                                     at::cuda::getCurrentCUDAStream()));
+  const cuda::LutProblem p = problem(s, dyc.size(0));
+  const cuda::DType act = cuda_dtype(op, "dy", dy), lut_type = cuda_dtype(op, "lut", lut);
+  cuda::CallInfo call;
+  call.act = act;
+  call.lut = lut_type;
+  call.act_ptr = address(dyc);
+  call.codes_ptr = address(codes);
+  const cuda::Plan plan = cuda::plan_lut_linear_dx(p, call, device_info(dy.device()));
+  t_last_plan = plan;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor dx;
+  if (plan.path == cuda::Path::DecodeGemm) {
+    at::Tensor w = at::empty({s.N, s.K}, dy.options());
+    C10_CUDA_CHECK(cuda::lut_decode_fast(p, codes.const_data_ptr<uint8_t>(), lut.const_data_ptr(), lut_type,
+                                         w.mutable_data_ptr(), act, stream));
+    dx = at::mm(dyc, w);
+  } else {
+    dx = at::empty({dyc.size(0), s.K}, dy.options());
+    C10_CUDA_CHECK(cuda::lut_linear_dx(p, dyc.const_data_ptr(), act, codes.const_data_ptr<uint8_t>(),
+                                       lut.const_data_ptr(), lut_type, dx.mutable_data_ptr(), stream));
+  }
   return dx.reshape(sizes_with_last(dy.sizes(), s.K));
 }
 
@@ -107,15 +171,43 @@ at::Tensor lut_decode_cuda(const at::Tensor& codes, const at::Tensor& lut) {
   const LutShape s = check_codes_lut_cuda(op, codes, lut);
   const c10::cuda::CUDAGuard guard(codes.device());
   at::Tensor w = at::empty({s.N, s.K}, lut.options());
-  C10_CUDA_CHECK(cuda::lut_decode(problem(s, 0), codes.const_data_ptr<uint8_t>(), lut.const_data_ptr(),
-                                  cuda_dtype(op, "lut", lut), w.mutable_data_ptr(),
-                                  at::cuda::getCurrentCUDAStream()));
+  const cuda::LutProblem p = problem(s, 0);
+  const cuda::DType lut_type = cuda_dtype(op, "lut", lut);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // The fast decoder copies LUT values bit for bit too (out dtype == LUT dtype), so the choice never
+  // changes the result; the simple kernel takes the shapes it rejects.
+  if (cuda::forced_path() != cuda::Path::Simple && cuda::fast_decode_supports(p, address(codes), address(w), nullptr)) {
+    C10_CUDA_CHECK(cuda::lut_decode_fast(p, codes.const_data_ptr<uint8_t>(), lut.const_data_ptr(), lut_type,
+                                         w.mutable_data_ptr(), lut_type, stream));
+  } else {
+    C10_CUDA_CHECK(cuda::lut_decode(p, codes.const_data_ptr<uint8_t>(), lut.const_data_ptr(), lut_type,
+                                    w.mutable_data_ptr(), stream));
+  }
   return w;
 }
 
 SPALLM_DEFINE_ADAPTER_ENTRY_POINTS(cuda, lut_linear_cuda, lut_linear_dx_cuda, lut_grad_cuda)
 
 }  // namespace
+
+// kernel_select.h: the Python-facing override of the dispatch and what the last call ran.
+bool set_cuda_kernel(const std::string& name) {
+  cuda::Path p;
+  if (!cuda::path_from_name(name.c_str(), &p)) return false;
+  cuda::set_forced_path(p);
+  return true;
+}
+
+std::string cuda_kernel() { return cuda::path_name(cuda::forced_path()); }
+
+std::string last_cuda_plan() {
+  const cuda::Plan& p = t_last_plan;
+  std::string s = cuda::path_name(p.path);
+  if (p.path == cuda::Path::Mma) {
+    s += " block_m=" + std::to_string(p.block_m) + " splits=" + std::to_string(p.splits);
+  }
+  return s + " (" + p.why + ")";
+}
 
 TORCH_LIBRARY_IMPL(spallm, CUDA, m) {
   m.impl("lut_linear", &cuda_lut_linear);

@@ -1,0 +1,157 @@
+// The dispatch rules of the CUDA backend (see dispatch.h for the paths).
+//
+// Status of the thresholds: they come from a roofline argument, not yet from a sweep on the H100
+// (bench/bench_forward.py measures every path; the numbers to revisit are marked MEASURE).
+//   * M <= kMmaMaxTokens, bf16/fp16, aligned shapes: the fused mma kernel. Up to M ~ 64-128 the
+//     call is bound by reading the codes (4-bit: a quarter of bf16's bytes), which only a fused
+//     kernel exploits; decode_gemm would write and re-read a bf16 W (4.5x the codes' traffic).
+//   * Larger M is compute-bound: decode_gemm costs one decode (~8-12% of a 14336 x 4096 GEMM at
+//     M = 4096) on top of cuBLAS, which mma.sync kernels on Hopper do not beat.
+//   * fp32 activations, or shapes the mma kernel rejects: decode_gemm once M >= kDecodeMinTokens
+//     (the decode is amortized), else the simple kernel.
+#include "cuda/dispatch.h"
+
+#include <atomic>
+#include <cstring>
+
+namespace spallm::cuda {
+namespace {
+
+constexpr int64_t kMmaMaxTokens = 512;     // MEASURE: crossover of mma and decode_gemm
+constexpr int64_t kDecodeMinTokens = 32;   // MEASURE: below this, simple beats decode + GEMM
+constexpr int64_t kTileN = 128;            // rows of W per mma block (lut_mma.cu's kBlockN)
+constexpr int64_t kTileK = 64;             // columns per mma K-step (lut_mma.cu's kBlockK)
+constexpr int kMaxSplits = 32;
+constexpr int64_t kFastDecodeMaxLutFloats = 12 * 1024;  // one row's LUT in 48 KB of shared memory
+
+std::atomic<int> g_forced{static_cast<int>(Path::Auto)};
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool is16bit(DType t) { return t == DType::BF16 || t == DType::F16; }
+
+int block_m_for(int64_t M) { return M <= 16 ? 16 : M <= 32 ? 32 : M <= 64 ? 64 : 128; }
+
+// Small problems leave SMs idle: split K until about two blocks per SM are in flight, keeping at
+// least two K-steps per split so each block still pipelines its loads.
+int splits_for(const LutProblem& p, int block_m, const DeviceInfo& d) {
+  const int64_t tiles = ceil_div(p.N, kTileN) * ceil_div(p.M, block_m);
+  const int64_t target = 2 * static_cast<int64_t>(d.sm_count);
+  if (tiles >= target) return 1;
+  const int64_t steps = p.K / kTileK;
+  int64_t s = ceil_div(target, tiles);
+  if (s > steps / 2) s = steps / 2;
+  if (s > kMaxSplits) s = kMaxSplits;
+  return s < 1 ? 1 : static_cast<int>(s);
+}
+
+Plan mma_plan(const LutProblem& p, const DeviceInfo& d, const char* why) {
+  Plan plan;
+  plan.path = Path::Mma;
+  plan.block_m = block_m_for(p.M);
+  plan.splits = splits_for(p, plan.block_m, d);
+  plan.why = why;
+  return plan;
+}
+
+Plan simple_plan(const char* why) {
+  Plan plan;
+  plan.path = Path::Simple;
+  plan.why = why;
+  return plan;
+}
+
+Plan decode_plan(const char* why) {
+  Plan plan;
+  plan.path = Path::DecodeGemm;
+  plan.why = why;
+  return plan;
+}
+
+}  // namespace
+
+const char* path_name(Path p) {
+  switch (p) {
+    case Path::Auto: return "auto";
+    case Path::Simple: return "simple";
+    case Path::Mma: return "mma";
+    case Path::DecodeGemm: return "decode_gemm";
+  }
+  return "?";
+}
+
+bool path_from_name(const char* name, Path* out) {
+  for (Path p : {Path::Auto, Path::Simple, Path::Mma, Path::DecodeGemm}) {
+    if (std::strcmp(name, path_name(p)) == 0) {
+      *out = p;
+      return true;
+    }
+  }
+  return false;
+}
+
+void set_forced_path(Path p) { g_forced.store(static_cast<int>(p)); }
+Path forced_path() { return static_cast<Path>(g_forced.load()); }
+
+bool mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why) {
+  const char* no = nullptr;
+  if (d.major < 8) no = "mma needs sm_80 or newer";
+  else if (!is16bit(c.act)) no = "mma needs bf16 or fp16 activations";
+  else if (p.M < 1 || p.N < 1) no = "mma needs M >= 1 and N >= 1";
+  else if (p.K % kTileK != 0) no = "mma needs in_features % 64 == 0";
+  else if ((p.K / p.G) % kTileK != 0) no = "mma needs a group size (in_features / groups) % 64 == 0";
+  else if (c.act_ptr % 16 != 0) no = "mma needs 16-byte aligned activations";
+  else if (c.codes_ptr % 4 != 0 || p.row_bytes % 4 != 0) no = "mma needs 4-byte aligned code rows";
+  else if (ceil_div(p.M, block_m_for(p.M)) > 65535) no = "mma grid: too many token tiles";
+  if (why != nullptr && no != nullptr) *why = no;
+  return no == nullptr;
+}
+
+bool fast_decode_supports(const LutProblem& p, uintptr_t codes_ptr, uintptr_t out_ptr, const char** why) {
+  const char* no = nullptr;
+  if (p.K % 8 != 0 || (p.K / p.G) % 8 != 0) no = "fast decode needs in_features and group size % 8 == 0";
+  else if (codes_ptr % 4 != 0 || p.row_bytes % 4 != 0) no = "fast decode needs 4-byte aligned code rows";
+  else if (out_ptr % 16 != 0) no = "fast decode needs a 16-byte aligned output";
+  else if ((p.G << p.bits) > kFastDecodeMaxLutFloats) no = "fast decode: a row's LUT exceeds 48 KB";
+  if (why != nullptr && no != nullptr) *why = no;
+  return no == nullptr;
+}
+
+Plan plan_lut_linear(const LutProblem& p, const CallInfo& c, const DeviceInfo& d) {
+  const char* mma_no = "";
+  const char* dec_no = "";
+  const bool mma_ok = mma_supports(p, c, d, &mma_no);
+  // decode_gemm's workspace is allocated fresh (aligned); only the codes pointer matters.
+  const bool dec_ok = fast_decode_supports(p, c.codes_ptr, 0, &dec_no);
+  switch (forced_path()) {
+    case Path::Simple: return simple_plan("forced: simple");
+    case Path::Mma:
+      if (mma_ok) return mma_plan(p, d, "forced: mma");
+      break;
+    case Path::DecodeGemm:
+      if (dec_ok) return decode_plan("forced: decode_gemm");
+      break;
+    case Path::Auto: break;
+  }
+  if (p.M > kMmaMaxTokens && dec_ok) return decode_plan("large M: decode once, cuBLAS GEMM");
+  if (mma_ok) return mma_plan(p, d, "fused LUT gather-GEMM on tensor cores");
+  if (p.M >= kDecodeMinTokens && dec_ok) return decode_plan(mma_no);
+  return simple_plan(dec_ok ? mma_no : dec_no);
+}
+
+Plan plan_lut_linear_dx(const LutProblem& p, const CallInfo& c, const DeviceInfo& d) {
+  (void)d;
+  const char* dec_no = "";
+  const bool dec_ok = fast_decode_supports(p, c.codes_ptr, 0, &dec_no);
+  switch (forced_path()) {
+    case Path::Simple: return simple_plan("forced: simple");
+    case Path::DecodeGemm:
+      if (dec_ok) return decode_plan("forced: decode_gemm");
+      break;
+    default: break;  // no fused dx kernel yet: mma falls back to the automatic choice
+  }
+  if (p.M >= kDecodeMinTokens && dec_ok) return decode_plan("dx: decode once, cuBLAS GEMM");
+  return simple_plan(dec_ok ? "dx: few tokens" : dec_no);
+}
+
+}  // namespace spallm::cuda

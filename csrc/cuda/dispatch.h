@@ -1,0 +1,61 @@
+// Which kernel runs a CUDA lut_linear / lut_linear_dx / lut_decode call: the one place where that
+// choice is made (the rules are in dispatch.cpp). Plain C++, no torch; csrc/cuda/ops.cpp asks for
+// a plan and carries it out.
+//
+// Paths:
+//   simple       lut_simple.cu: exact for every dtype and shape, CUDA cores, slow at large M.
+//   mma          lut_mma.cu: the fused gather-GEMM on tensor cores (bf16 / fp16 activations,
+//                sm_80+). Codes tiles are decoded through the LUT in shared memory, never to HBM.
+//   decode_gemm  lut_decode_fast.cu decodes W once into a workspace in the activation dtype, then
+//                cuBLAS multiplies (the "official SketchTune" strategy, done with a fast decoder).
+//                Compute-bound calls (large M) amortize the decode; fp32 gets cuBLAS's fp32 GEMM.
+#pragma once
+#include <cstdint>
+
+#include "cuda/kernels.h"
+
+namespace spallm::cuda {
+
+enum class Path : int { Auto = 0, Simple = 1, Mma = 2, DecodeGemm = 3 };
+
+const char* path_name(Path p);
+// "auto", "simple", "mma", "decode_gemm"; returns false for any other name.
+bool path_from_name(const char* name, Path* out);
+
+struct DeviceInfo {
+  int sm_count = 1;
+  int major = 0;  // compute capability
+  int minor = 0;
+};
+
+// Everything about a call that the choice depends on besides the problem's sizes.
+struct CallInfo {
+  DType act = DType::F32;
+  DType lut = DType::F32;
+  uintptr_t act_ptr = 0;    // x (forward) or dy (dx): alignment matters to the vector loads
+  uintptr_t codes_ptr = 0;
+  uintptr_t out_ptr = 0;
+};
+
+struct Plan {
+  Path path = Path::Simple;
+  int block_m = 0;  // mma: tokens per block tile (16, 32, 64 or 128)
+  int splits = 1;   // mma: K split across blocks; > 1 needs an fp32 workspace [splits, M, N]
+  const char* why = "";  // one line: why this path (tests and debugging read it)
+};
+
+// Whether each fast kernel can run this problem at all (shape, dtype, alignment, arch); on false,
+// `why` says what rules it out.
+bool mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why);
+bool fast_decode_supports(const LutProblem& p, uintptr_t codes_ptr, uintptr_t out_ptr, const char** why);
+
+Plan plan_lut_linear(const LutProblem& p, const CallInfo& c, const DeviceInfo& d);
+Plan plan_lut_linear_dx(const LutProblem& p, const CallInfo& c, const DeviceInfo& d);
+
+// Process-wide override for tests and benchmarks: every call takes `p` where that path supports
+// the problem (else the automatic choice, recorded in the plan's `why`). Path::Auto restores the
+// heuristics.
+void set_forced_path(Path p);
+Path forced_path();
+
+}  // namespace spallm::cuda

@@ -1,0 +1,176 @@
+"""Every CUDA forward path (simple, mma, decode_gemm) against the reference, forced one at a time,
+plus the dispatch itself: which path a call takes, fallbacks, split-K, CUDA graphs.
+
+"mma" and "decode_gemm" round W to the activation dtype (as a bf16/fp16 nn.Linear's weight is), so
+besides the usual relative-norm check against the exact reference, each output element is compared
+with the reference computed from the rounded LUT: a single mis-decoded weight moves an element far
+more than fp32 accumulation plus one output rounding can.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spallm_ext
+from spallm_ext import kernels, reference
+
+from conftest import ALL_BITS, CUDA_MARKS, assert_close_rel, dtype_id, make_sketch, randn
+
+pytestmark = CUDA_MARKS
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _check_elementwise(out: torch.Tensor, x, codes, lut, bias, act_dtype) -> None:
+    """out vs the fp64 reference with W (and bias) rounded as the fast paths round them."""
+    ref = reference.lut_linear(x.double(), codes, lut.to(act_dtype).double(),
+                               None if bias is None else bias.double())
+    scale = ref.abs().max().item() + 1e-6
+    err = (out.double() - ref).abs().max().item()
+    # one rounding of the output (2^-8 relative for bf16) plus fp32 accumulation of K terms
+    assert err <= 2.0 ** -7 * scale, f"max elementwise error {err:.3e} vs scale {scale:.3e}"
+
+
+def _run(path: str, x, codes, lut, bias=None):
+    with kernels.use_cuda_kernel(path):
+        y = spallm_ext.lut_linear(x, codes, lut, bias)
+        plan = kernels.last_cuda_plan()
+    return y, plan
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("act_dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("lut_dtype", (torch.float32, torch.bfloat16, torch.float16), ids=dtype_id)
+@pytest.mark.parametrize("m,n,k,groups", [(1, 200, 1024, 4), (7, 128, 256, 1), (16, 1000, 512, 8),
+                                          (33, 96, 4096, 64), (64, 130, 128, 2), (130, 256, 192, 3),
+                                          (600, 72, 640, 10)])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_mma_matches_reference(bits, act_dtype, lut_dtype, m, n, k, groups, with_bias):
+    codes, lut = make_sketch(n, k, bits, groups, lut_dtype=lut_dtype, device="cuda", seed=m + n + bits)
+    x = randn(m, k, dtype=act_dtype, device="cuda", seed=1)
+    bias = randn(n, dtype=act_dtype, device="cuda", seed=2) if with_bias else None
+    y, plan = _run("mma", x, codes, lut, bias)
+    assert plan.startswith("mma"), plan
+    assert y.dtype == act_dtype and y.shape == (m, n)
+    assert_close_rel(y, reference.lut_linear(x, codes, lut, bias))
+    _check_elementwise(y, x, codes, lut, bias, act_dtype)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("mode", ["zeros", "equal", "alternating", "max"])
+def test_mma_adversarial_codes(bits, mode):
+    codes, lut = make_sketch(256, 512, bits, 4, device="cuda", mode=mode, seed=bits)
+    x = randn(5, 512, dtype=torch.bfloat16, device="cuda", seed=3)
+    y, plan = _run("mma", x, codes, lut)
+    assert plan.startswith("mma"), plan
+    _check_elementwise(y, x, codes, lut, None, torch.bfloat16)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("act_dtype", (torch.float32,) + HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("m,n,k,groups", [(40, 200, 1024, 4), (3, 64, 96, 3), (700, 130, 512, 1)])
+def test_decode_gemm_matches_reference(bits, act_dtype, m, n, k, groups):
+    codes, lut = make_sketch(n, k, bits, groups, device="cuda", seed=bits + m)
+    x = randn(m, k, dtype=act_dtype, device="cuda", seed=4)
+    bias = randn(n, dtype=act_dtype, device="cuda", seed=5)
+    y, plan = _run("decode_gemm", x, codes, lut, bias)
+    assert plan.startswith("decode_gemm"), plan
+    assert_close_rel(y, reference.lut_linear(x, codes, lut, bias))
+    if act_dtype != torch.float32:
+        _check_elementwise(y, x, codes, lut, bias, act_dtype)
+    dy = randn(m, n, dtype=act_dtype, device="cuda", seed=6)
+    with kernels.use_cuda_kernel("decode_gemm"):
+        dx = spallm_ext.lut_linear_dx(dy, codes, lut)
+        assert kernels.last_cuda_plan().startswith("decode_gemm")
+    assert_close_rel(dx, reference.lut_linear_dx(dy, codes, lut))
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("lut_dtype", (torch.float32, torch.bfloat16, torch.float16), ids=dtype_id)
+def test_fast_decode_is_bit_exact(bits, lut_dtype):
+    codes, lut = make_sketch(300, 1024, bits, 16, lut_dtype=lut_dtype, device="cuda", seed=bits)
+    fast = spallm_ext.lut_decode(codes, lut)
+    with kernels.use_cuda_kernel("simple"):
+        simple = spallm_ext.lut_decode(codes, lut)
+    assert torch.equal(fast, simple)
+    assert torch.equal(fast.cpu(), reference.lut_decode(codes.cpu(), lut.cpu()))
+
+
+def test_paths_agree_through_the_module():
+    torch.manual_seed(0)
+    mod = spallm_ext.SketchedLinear(512, 384, bits=4, groups_per_row=4).cuda()
+    x = torch.randn(3, 11, 512, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+    for path in ("simple", "mma", "decode_gemm"):
+        with kernels.use_cuda_kernel(path):
+            outs[path] = mod(x)
+    for path in ("mma", "decode_gemm"):
+        assert_close_rel(outs[path].float(), outs["simple"].float(), torch.bfloat16, factor=2)
+
+
+def test_auto_dispatch_choices():
+    codes, lut = make_sketch(512, 1024, 4, 4, device="cuda")
+    for m, expect in [(1, "mma"), (16, "mma"), (100, "mma"), (2048, "decode_gemm")]:
+        spallm_ext.lut_linear(randn(m, 1024, dtype=torch.bfloat16, device="cuda"), codes, lut)
+        assert kernels.last_cuda_plan().startswith(expect), (m, kernels.last_cuda_plan())
+    # fp32 activations: no tensor-core path; small M runs the exact kernel
+    spallm_ext.lut_linear(randn(2, 1024, device="cuda"), codes, lut)
+    assert kernels.last_cuda_plan().startswith("simple")
+    spallm_ext.lut_linear(randn(64, 1024, device="cuda"), codes, lut)
+    assert kernels.last_cuda_plan().startswith("decode_gemm")
+
+
+def test_mma_rejects_what_it_cannot_run_and_falls_back():
+    # in_features % 64 != 0, then a group size that is not a multiple of 64, then misaligned x:
+    # a forced mma must fall back (with the reason) and still give the right answer.
+    cases = [(96, 1, 0), (256, 8, 0), (256, 1, 1)]
+    for k, groups, offset in cases:
+        codes, lut = make_sketch(64, k, 4, groups, device="cuda", seed=k)
+        base = randn(4 * k + offset, dtype=torch.bfloat16, device="cuda")
+        x = base[offset:].view(4, k)
+        y, plan = _run("mma", x, codes, lut)
+        assert not plan.startswith("mma"), plan
+        assert "mma needs" in plan
+        assert_close_rel(y, reference.lut_linear(x, codes, lut))
+
+
+def test_split_k_is_used_and_deterministic():
+    codes, lut = make_sketch(128, 8192, 4, 4, device="cuda", seed=7)
+    x = randn(1, 8192, dtype=torch.bfloat16, device="cuda", seed=8)
+    bias = randn(128, dtype=torch.bfloat16, device="cuda", seed=9)
+    a, plan = _run("mma", x, codes, lut, bias)
+    assert "splits=" in plan and int(plan.split("splits=")[1].split()[0]) > 1, plan
+    b, _ = _run("mma", x, codes, lut, bias)
+    assert torch.equal(a, b)
+    _check_elementwise(a, x, codes, lut, bias, torch.bfloat16)
+
+
+def test_mma_under_cuda_graph():
+    codes, lut = make_sketch(384, 2048, 4, 4, device="cuda", seed=1)
+    x = randn(4, 2048, dtype=torch.bfloat16, device="cuda", seed=2)
+    with kernels.use_cuda_kernel("mma"):
+        eager = spallm_ext.lut_linear(x, codes, lut)
+        assert kernels.last_cuda_plan().startswith("mma")
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            spallm_ext.lut_linear(x, codes, lut)  # warm-up outside capture
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = spallm_ext.lut_linear(x, codes, lut)
+        x.copy_(randn(4, 2048, dtype=torch.bfloat16, device="cuda", seed=3))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, spallm_ext.lut_linear(x, codes, lut))
+    assert not torch.equal(out, eager)
+
+
+def test_mma_many_tiles_partial_edges():
+    # 32 row tiles x 4 token tiles of 128, the last one partial: the epilogue's edge masks on both
+    # axes and offsets past one tile in each direction.
+    codes, lut = make_sketch(4100, 256, 4, 1, device="cuda", seed=11)
+    x = randn(500, 256, dtype=torch.bfloat16, device="cuda", seed=12)
+    y, plan = _run("mma", x, codes, lut)
+    assert plan.startswith("mma block_m=128"), plan
+    _check_elementwise(y, x, codes, lut, None, torch.bfloat16)
