@@ -35,12 +35,15 @@ def tiny_sketched_llama(seed: int = 0, bits: int = 4, groups_per_row: int = 2, *
 
 
 def lut_only(model: nn.Module) -> list[nn.Parameter]:
-    """The LUT-only recipe: freeze every parameter but the LUTs (and LUT stacks); returns them."""
+    """The LUT-only recipe: freeze every parameter but the LUTs the forward reads (a layer's LUT
+    stack when it has one, else its lut); returns them."""
+    for p in model.parameters():
+        p.requires_grad_(False)
     train = []
-    for name, p in model.named_parameters():
-        is_lut = name.endswith(".lut") or name.endswith(".lut_stack")
-        p.requires_grad_(is_lut)
-        if is_lut:
+    for m in model.modules():
+        if isinstance(m, SketchedLinear):
+            p = m.lut if m.lut_stack is None else m.lut_stack
+            p.requires_grad_(True)
             train.append(p)
     return train
 

@@ -54,7 +54,7 @@ def test_stack_layout(served):
     assert names == ["base", "math", "chat"] == adapter_names(model)
     for n, m in sketched_modules(model).items():
         assert m.lut_stack.shape == (3, *m.lut.shape) and m.lut_stack.dtype == m.lut.dtype
-        assert m.lut_stack.requires_grad == m.lut.requires_grad
+        assert m.lut_stack.requires_grad and not m.lut.requires_grad   # trainability moved to the stack
         for a, name in enumerate(names):
             assert torch.equal(m.lut_stack[a], states[name][f"{n}.lut"])   # file round trip is exact
         assert "adapters=3" in repr(m)
@@ -122,8 +122,8 @@ def test_training_mixed_batch_equals_training_each_alone():
               **states}.items()}
     names = stack_adapters(model, states)
     params = lut_only(model)
-    assert {p.shape[0] for p in params if p.dim() == 4} == {3}
-    opt = torch.optim.SGD([p for p in params if p.dim() == 4], lr=1e-3, momentum=0.9)
+    assert {p.shape[0] for p in params} == {3}
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     opts = {k: torch.optim.SGD(lut_only(m), lr=1e-3, momentum=0.9) for k, m in alone.items()}
     for step in range(3):
         ids = token_batch(6, 8, seed=10 + step)
@@ -175,6 +175,9 @@ def test_save_stacked_adapter_and_unstack(tmp_path):
     spallm_ext.unstack_adapters(model, keep="task")
     for n, m in sketched_modules(model).items():
         assert torch.equal(m.lut, state[f"{n}.lut"]) and m.lut_stack is None and m.adapter_index is None
+        assert m.lut.requires_grad   # given back by unstack_adapters
+    with pytest.raises(RuntimeError, match="nothing to unstack"):
+        spallm_ext.unstack_adapters(model)
 
 
 def test_plain_layer_unchanged_by_the_stack_api():

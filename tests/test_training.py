@@ -83,6 +83,7 @@ def test_deterministic_lut_grads_bit_identical(device, switch, restore_determini
     torch.manual_seed(0)
     layer = SketchedLinear(64, 48, bits=3, groups_per_row=4).to(device)
     spallm_ext.stack_adapters(layer, {"b": {"lut": layer.lut.detach() * 0.5}})
+    layer.lut.requires_grad_(True)   # both paths train here: the plain lut and the stack
     x = randn(4, 33, 64, device=device, seed=1)
     idx = torch.randint(0, 2, (4, 33), generator=torch.Generator().manual_seed(2)).to(device)
     runs = []

@@ -109,8 +109,9 @@ def stack_adapters(model: nn.Module, adapters: Mapping[str, AdapterSource], *,
     load_adapter refuses it), a LUT state {"<module>.lut": tensor} or a model with the same codes.
     With `base` (a name), each layer's current ``lut`` is row 0 under that name; `base=None`
     stacks only `adapters`. Rows follow the mapping's order. Each stack has its layer's LUT dtype
-    and device and trains when the LUT does (``requires_grad`` copied from ``lut``). Calling it
-    again replaces the stacks. Returns the adapter names, index by index."""
+    and device and trains when the LUT did: ``requires_grad`` moves from ``lut`` to ``lut_stack``
+    (``lut`` is frozen while stacked; unstack_adapters gives it back). Calling it again replaces
+    the stacks. Returns the adapter names, index by index."""
     if not isinstance(adapters, Mapping):
         raise TypeError(f"adapters must be a mapping of name -> adapter, got {type(adapters).__name__}")
     names = ([base] if base is not None else []) + list(adapters)
@@ -130,16 +131,25 @@ def stack_adapters(model: nn.Module, adapters: Mapping[str, AdapterSource], *,
         for n in mods:
             rows[n].append(luts[n])
     for n, m in mods.items():
+        trainable = m.lut.requires_grad if m.lut_stack is None else m.lut_stack.requires_grad
         stack = torch.stack([t.to(device=m.lut.device, dtype=m.lut.dtype) for t in rows[n]])
-        m.lut_stack = nn.Parameter(stack, requires_grad=m.lut.requires_grad)
+        m.lut_stack = nn.Parameter(stack, requires_grad=trainable)
+        # lut is not read inside use_adapters: left trainable it would get no gradient, which
+        # DDP waits for forever (or raises about) and an optimizer would decay for nothing
+        m.lut.requires_grad_(False)
         m.adapter_index = None
     setattr(model, NAMES_ATTR, names)
     return list(names)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
-    """The names of the stacked adapters, index by index ([] when nothing is stacked)."""
-    return list(getattr(model, NAMES_ATTR, None) or [])
+    """The names of the stacked adapters, index by index ([] when nothing is stacked). `model`
+    may also be a wrapper of the model given to stack_adapters (DDP, FSDP, torch.compile)."""
+    for m in model.modules():   # the model itself comes first
+        names = getattr(m, NAMES_ATTR, None)
+        if names:
+            return list(names)
+    return []
 
 
 def _adapter_number(model: nn.Module, adapter: int | str, what: str = "adapter") -> int:
@@ -232,14 +242,19 @@ def save_stacked_adapter(model: nn.Module, adapter: int | str, path: str | os.Pa
 
 @torch.no_grad()
 def unstack_adapters(model: nn.Module, keep: int | str | None = None) -> None:
-    """Drop the stacks. With `keep`, that adapter's LUTs are first copied into each layer's
-    ``lut`` (e.g. to keep a trained adapter, or before save_sketched, whose files hold no stacks)."""
+    """Drop the stacks; each ``lut`` gets back the stack's ``requires_grad``. With `keep`, that
+    adapter's LUTs are first copied into each layer's ``lut`` (e.g. to keep a trained adapter, or
+    before save_sketched, whose files hold no stacks)."""
     mods = _modules(model)
+    missing = [n for n, m in mods.items() if m.lut_stack is None]
+    if missing:
+        raise RuntimeError(f"modules {missing[:3]} have no lut_stack: nothing to unstack")
     if keep is not None:
         a = _adapter_number(model, keep, "keep")
         for m in mods.values():
             m.lut.copy_(m.lut_stack[a])
     for m in mods.values():
+        m.lut.requires_grad_(m.lut_stack.requires_grad)
         m.lut_stack = None
         m.adapter_index = None
     if hasattr(model, NAMES_ATTR):
