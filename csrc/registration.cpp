@@ -1,5 +1,6 @@
 // The one list of spallm op schemas, and the Python module `spallm_ext._C` that carries them.
-// Kernels register per backend elsewhere: csrc/cpu/lut_ops_cpu.cpp (CPU), csrc/cuda/ops.cpp (CUDA).
+// Kernels register per backend elsewhere: csrc/cpu/lut_ops_cpu.cpp (CPU), csrc/cuda/ops.cpp (CUDA),
+// csrc/lowrank.cpp (lut_linear_lowrank on both, until a fused CUDA kernel takes over).
 // Fake (meta) and autograd registrations live in python/spallm_ext/ops.py.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
@@ -24,6 +25,11 @@ TORCH_LIBRARY(spallm, m) {
         "Tensor? adapter_index=None, int num_adapters=0, bool deterministic=False) -> Tensor");
   // Dense W [N, K] in the LUT's dtype (export, merge, debugging).
   m.def("lut_decode(Tensor codes, Tensor lut) -> Tensor");
+  // y = x W^T + (x l1) l2 (+ bias): the sketch plus a low-rank branch (SVDQuant / EoRA / LoRA).
+  // l1 [K, rank], l2 [rank, N], one dtype for both (fp32 master copy, bf16 or fp16; fp64 on CPU),
+  // independent of x's; bias in x's dtype. fp32 accumulation, one rounding to x's dtype.
+  // Backend-independent version and conventions: csrc/lowrank.{h,cpp}.
+  m.def("lut_linear_lowrank(Tensor x, Tensor codes, Tensor lut, Tensor l1, Tensor l2, Tensor? bias=None) -> Tensor");
 }
 
 #ifndef SPALLM_WITH_CUDA

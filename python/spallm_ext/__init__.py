@@ -44,6 +44,8 @@ from .adapters import (codes_hash, load_adapter, load_official, load_sketched, s
                        save_sketched)
 from .multi_adapter import (adapter_luts, adapter_names, save_stacked_adapter, stack_adapters,  # noqa: E402
                             unstack_adapters, use_adapters)
+from .lowrank import LowRankSketchedLinear, lowrank_sketch  # noqa: E402
+from .ops import lut_linear_lowrank  # noqa: E402
 
 
 def build_info() -> dict:
@@ -86,4 +88,7 @@ __all__ = [
     "stack_adapters",
     "unstack_adapters",
     "use_adapters",
+    "LowRankSketchedLinear",
+    "lowrank_sketch",
+    "lut_linear_lowrank",
 ]

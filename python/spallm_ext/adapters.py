@@ -10,8 +10,12 @@ A sketch directory (``save_sketched`` / ``load_sketched``):
     config.json (+ tokenizer files)  the transformers config, when the model has one, so the
                           model can be rebuilt with AutoModelForCausalLM.from_config
 
+A LowRankSketchedLinear (sketch + low-rank branch) saves its ``l1`` / ``l2`` beside ``codes`` and
+``lut``; its spec in spallm_config.json carries ``lowrank_rank`` (and dtype, init, trainable mode).
+
 An adapter (``save_adapter`` / ``load_adapter``) is one safetensors file holding only LUTs,
-keyed ``<module name>.lut``, with string metadata: ``format`` = ``spallm-adapter``, the sketch
+keyed ``<module name>.lut`` (plus ``<module name>.l1`` / ``.l2`` for layers with a low-rank
+branch: the adapter is everything that may train), with string metadata: ``format`` = ``spallm-adapter``, the sketch
 config, the module shapes and ``codes_hash``, a SHA-256 over every sketched module's name,
 shape and code bytes. An adapter is only loaded onto a model whose codes hash matches.
 """
@@ -26,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .formats import bits_of, from_official, in_features_of
+from .lowrank import LowRankSketchedLinear
 from .nn import SketchedLinear
 
 SKETCH_CONFIG = "spallm_config.json"
@@ -47,14 +52,32 @@ def codes_hash(model_or_modules) -> str:
         m = mods[name]
         codes = m.codes.detach().contiguous().cpu()
         h.update(f"{name}|{m.out_features}x{m.in_features}|{m.bits}|{m.groups_per_row}|".encode())
+        if isinstance(m, LowRankSketchedLinear):   # plain sketches keep the hashes they always had
+            h.update(f"lowrank{m.rank}|".encode())
         h.update(codes.numpy().tobytes())
     return h.hexdigest()
 
 
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
 def _module_spec(m: SketchedLinear) -> dict:
-    return {"in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
+    spec = {"in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
             "groups_per_row": m.groups_per_row, "bias": m.bias is not None,
-            "lut_dtype": str(m.lut.dtype).replace("torch.", "")}
+            "lut_dtype": _dtype_name(m.lut.dtype)}
+    if isinstance(m, LowRankSketchedLinear):
+        spec.update(lowrank_rank=m.rank, lowrank_dtype=_dtype_name(m.l1.dtype), lowrank_init=m.lowrank_init,
+                    trainable=m.trainable)
+    return spec
+
+
+def _adapter_tensors(name: str, m: SketchedLinear) -> dict[str, Tensor]:
+    """What an adapter holds for one layer: its LUT, and its branch when it has one."""
+    out = {f"{name}.lut": m.lut}
+    if isinstance(m, LowRankSketchedLinear):
+        out[f"{name}.l1"], out[f"{name}.l2"] = m.l1, m.l2
+    return out
 
 
 def save_sketched(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None,
@@ -115,9 +138,11 @@ def _install(model: nn.Module, name: str, spec: dict) -> SketchedLinear:
     except AttributeError:
         raise ValueError(f"the model has no module {name!r} to put a sketched layer in: "
                          "was the sketch made for another architecture?") from None
+    rank = int(spec.get("lowrank_rank", 0))
     if isinstance(old, SketchedLinear) and old.bits == spec["bits"] and \
             old.groups_per_row == spec["groups_per_row"] and old.in_features == spec["in_features"] and \
-            old.out_features == spec["out_features"]:
+            old.out_features == spec["out_features"] and \
+            (old.rank if isinstance(old, LowRankSketchedLinear) else 0) == rank:
         return old
     if not isinstance(old, (nn.Linear, SketchedLinear)) or old.in_features != spec["in_features"] or \
             old.out_features != spec["out_features"]:
@@ -125,9 +150,15 @@ def _install(model: nn.Module, name: str, spec: dict) -> SketchedLinear:
                          f"{spec['in_features']} -> {spec['out_features']}")
     ref = old.weight if isinstance(old, nn.Linear) else old.lut
     bias_dtype = old.bias.dtype if getattr(old, "bias", None) is not None else None
-    new = SketchedLinear(spec["in_features"], spec["out_features"], bits=spec["bits"],
-                         groups_per_row=spec["groups_per_row"], bias=spec["bias"], device=ref.device,
-                         dtype=bias_dtype, lut_dtype=getattr(torch, spec.get("lut_dtype", "float32")))
+    common = dict(bits=spec["bits"], groups_per_row=spec["groups_per_row"], bias=spec["bias"], device=ref.device,
+                  dtype=bias_dtype, lut_dtype=getattr(torch, spec.get("lut_dtype", "float32")))
+    if rank > 0:
+        new = LowRankSketchedLinear(spec["in_features"], spec["out_features"], rank,
+                                    lowrank_dtype=getattr(torch, spec.get("lowrank_dtype", "float32")),
+                                    trainable=spec.get("trainable", "both"), **common)
+        new.lowrank_init = spec.get("lowrank_init", new.lowrank_init)
+    else:
+        new = SketchedLinear(spec["in_features"], spec["out_features"], **common)
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -157,14 +188,15 @@ def load_sketched(model: nn.Module, directory: str | os.PathLike, *, strict: boo
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, name: str = "default",
                  lut_dtype: torch.dtype | None = None) -> str:
-    """Write only the LUTs of `model`'s sketched layers (an adapter) to a safetensors file."""
+    """Write only the LUTs of `model`'s sketched layers (an adapter) to a safetensors file, with the
+    l1 / l2 of layers that have a low-rank branch. `lut_dtype` converts all of them."""
     from safetensors.torch import save_file
 
     mods = sketched_modules(model)
     if not mods:
         raise ValueError("the model has no SketchedLinear layers: nothing to save as an adapter")
-    tensors = {f"{n}.lut": (m.lut.detach() if lut_dtype is None else m.lut.detach().to(lut_dtype)).contiguous().cpu()
-               for n, m in mods.items()}
+    tensors = {key: (t.detach() if lut_dtype is None else t.detach().to(lut_dtype)).contiguous().cpu()
+               for n, m in mods.items() for key, t in _adapter_tensors(n, m).items()}
     meta = {
         "format": "spallm-adapter",
         "version": str(FORMAT_VERSION),
@@ -219,11 +251,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
                          f"{meta['codes_hash'][:16]}... != this model's {mine[:16]}...): load it onto "
                          "the sketched base model it was trained from")
     tensors = load_file(os.fspath(path))
-    for n, m in mods.items():
-        t = tensors[f"{n}.lut"]
-        if tuple(t.shape) != tuple(m.lut.shape):
-            raise ValueError(f"adapter LUT {n!r} has shape {tuple(t.shape)}, the model's is {tuple(m.lut.shape)}")
-        m.lut.copy_(t.to(device=m.lut.device, dtype=m.lut.dtype))
+    targets = {key: p for n, m in mods.items() for key, p in _adapter_tensors(n, m).items()}
+    missing = sorted(set(targets) - set(tensors))[:3]
+    if missing:
+        raise ValueError(f"adapter {os.fspath(path)!r} lacks tensors this model needs: {missing}")
+    for key, p in targets.items():   # check every shape before changing anything
+        if tuple(tensors[key].shape) != tuple(p.shape):
+            raise ValueError(f"adapter tensor {key!r} has shape {tuple(tensors[key].shape)}, the model's is "
+                             f"{tuple(p.shape)}")
+    for key, p in targets.items():
+        p.copy_(tensors[key].to(device=p.device, dtype=p.dtype))
     return meta
 
 

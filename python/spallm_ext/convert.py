@@ -13,7 +13,9 @@ Calibration follows GPTQ/LeanQuant's "true sequential" order:
   sketched earlier stages; the forward stops as soon as the next stage is reached.
 * The block's outputs (through the fully sketched block) are the next block's inputs.
 
-Every selected nn.Linear is replaced in place by a SketchedLinear; embeddings, lm_head and norms
+Every selected nn.Linear is replaced in place by a SketchedLinear (a LowRankSketchedLinear, a
+sketch plus a low-rank branch fitted from the same Hessian, when config.lowrank_rank > 0; see
+spallm_ext.lowrank); embeddings, lm_head and norms
 are untouched (only Linears inside the decoder blocks are candidates, and `filter_fn(name,
 module)` can narrow them further).
 """
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import sketched_modules  # noqa: F401  (re-exported)
+from .lowrank import LowRankSketchedLinear
 from .nn import SketchedLinear
 from .sketch import SketchConfig, hessian_sketch
 
@@ -138,6 +141,23 @@ def _stages(block: nn.Module, run: Callable[[], None], candidates: dict[str, nn.
     return stages
 
 
+def _lowrank_layer(lin: nn.Linear, hessian: Tensor, cfg: SketchConfig) -> tuple[LowRankSketchedLinear, dict]:
+    """A LowRankSketchedLinear for `lin` from its calibration Hessian, and the report figures:
+    ``rel_err`` is the layer's final relative output error (sketch + branch), ``rel_err_sketch``
+    the sketch's alone, the sketcher's own figures under ``sketch``. The rank is capped at
+    min(out, in) for layers narrower than cfg.lowrank_rank."""
+    rank = min(cfg.lowrank_rank, lin.out_features, lin.in_features)
+    sk = LowRankSketchedLinear.from_linear(lin, rank, cfg.bits, cfg.groups_per_row, init=cfg.lowrank_init,
+                                           hessian=hessian, smooth_alpha=cfg.lowrank_smooth_alpha, config=cfg,
+                                           trainable=cfg.lowrank_trainable)
+    info = dict(sk.init_info)
+    sketch_info = info.get("sketch", {})
+    for key in ("refit_kept", "dead_columns", "times"):
+        if key in sketch_info:
+            info[key] = sketch_info[key]
+    return sk, info
+
+
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -245,14 +265,17 @@ def sketch_model(model: nn.Module, config: SketchConfig | None, calibration, fil
                 lin = candidates[n]
                 hmat = hess.pop(n).mul_(2.0 / max(1, count[n]))
                 tl = time.perf_counter()
-                res = hessian_sketch(lin.weight.detach().to(dev, torch.float32), hmat, cfg)
-                sk = SketchedLinear.from_linear(lin.to(dev), bits=cfg.bits, groups_per_row=cfg.groups_per_row,
-                                                sketcher=lambda w, b, g, res=res: (res.codes, res.lut))
+                if cfg.lowrank_rank > 0:
+                    sk, info = _lowrank_layer(lin.to(dev), hmat, cfg)
+                else:
+                    res = hessian_sketch(lin.weight.detach().to(dev, torch.float32), hmat, cfg)
+                    sk = SketchedLinear.from_linear(lin.to(dev), bits=cfg.bits, groups_per_row=cfg.groups_per_row,
+                                                    sketcher=lambda w, b, g, res=res: (res.codes, res.lut))
+                    info = dict(res.info)
                 _replace(block, n, sk)
                 del hmat
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
-                info = dict(res.info)
                 info["time_s"] = time.perf_counter() - tl
                 info["shape"] = [lin.out_features, lin.in_features]
                 info["tokens"] = count[n]

@@ -149,3 +149,73 @@ def _decode_backward(ctx, dw):
 
 
 torch.library.register_autograd("spallm::lut_decode", _decode_backward, setup_context=_decode_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# lut_linear_lowrank: the sketch plus a low-rank branch, y = x W^T + (x l1) l2 (+ bias).
+# Kernels: csrc/lowrank.cpp (lut_linear + two GEMMs, CPU and CUDA) until a fused CUDA kernel
+# replaces the CUDA one. The backward reuses lut_linear_dx and lut_grad for the sketch and plain
+# matmuls for the branch; everything accumulates in fp32 (fp64 for fp64 x), as the forward does.
+# ---------------------------------------------------------------------------------------------
+
+
+def lut_linear_lowrank(x: Tensor, codes: Tensor, lut: Tensor, l1: Tensor, l2: Tensor,
+                       bias: Tensor | None = None) -> Tensor:
+    """y = x W^T + (x l1) l2 (+ bias); x [..., K], l1 [K, rank], l2 [rank, N] -> y [..., N].
+
+    l1 and l2 share one dtype (fp32, bf16 or fp16; fp64 on CPU), independent of x's; the bias has
+    x's dtype. Accumulates in fp32 and rounds to x's dtype once."""
+    return torch.ops.spallm.lut_linear_lowrank(x, codes, lut, l1, l2, bias)
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("spallm::lut_linear_lowrank")
+def _lut_linear_lowrank_fake(x, codes, lut, l1, l2, bias=None):
+    _check_lut_shape(codes, lut)
+    k, n = _in_features(codes, lut.shape[-1]), lut.shape[0]
+    torch._check(x.shape[-1] == k, lambda: "x's last dim != in_features")
+    torch._check(l1.dim() == 2 and l2.dim() == 2, lambda: "l1 and l2 must be 2-D")
+    torch._check(l1.shape[0] == k, lambda: "l1 must be [in_features, rank]")
+    torch._check(l2.shape[1] == n, lambda: "l2 must be [rank, out_features]")
+    torch._check(l1.shape[1] == l2.shape[0], lambda: "l1 and l2 disagree on the rank")
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _lowrank_setup_context(ctx, inputs, output):
+    x, codes, lut, l1, l2, bias = inputs
+    ctx.save_for_backward(x, codes, lut, l1, l2)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _lowrank_backward(ctx, dy):
+    x, codes, lut, l1, l2 = ctx.saved_tensors
+    # needs_input_grad has one entry per argument the caller passed (bias may be left out)
+    need_x, _, need_lut, need_l1, need_l2, need_bias = (*ctx.needs_input_grad, False)[:6]
+    acc = _acc_dtype(dy)
+    k, n = x.shape[-1], dy.shape[-1]
+    dy2 = dy.reshape(-1, n).to(acc)
+    x2 = x.reshape(-1, k).to(acc)
+    l1a, l2a = l1.to(acc), l2.to(acc)
+    dx = dlut = dl1 = dl2 = dbias = None
+    u = dy2 @ l2a.T if (need_x or need_l1) else None                      # dy l2^T: [M, rank]
+    if need_x:
+        # lut_linear_dx gets dy in the accumulation dtype, so dx is rounded once, like y.
+        dxq = torch.ops.spallm.lut_linear_dx(dy2, codes, lut, None)
+        dx = torch.addmm(dxq, u, l1a.T).to(x.dtype).reshape(x.shape)
+    if need_lut:
+        dlut = torch.ops.spallm.lut_grad(dy, x, codes, lut.shape[-2], lut.shape[-1], None, 0,
+                                         deterministic_grads()).to(lut.dtype)
+    if need_l1:
+        dl1 = (x2.T @ u).to(l1.dtype)                                       # x^T (dy l2^T): [K, rank]
+    if need_l2:
+        dl2 = ((x2 @ l1a).T @ dy2).to(l2.dtype)                             # (x l1)^T dy: [rank, N]
+    if ctx.bias_dtype is not None and need_bias:
+        dbias = dy2.sum(0).to(ctx.bias_dtype)
+    return dx, None, dlut, dl1, dl2, dbias
+
+
+torch.library.register_autograd("spallm::lut_linear_lowrank", _lowrank_backward,
+                                setup_context=_lowrank_setup_context)

@@ -76,3 +76,13 @@ def lut_grad(dy: Tensor, x: Tensor, codes: Tensor, groups_per_row: int, num_entr
     dlut.scatter_add_(1, idx, dw)
     out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return dlut.reshape(n, groups_per_row, num_entries).to(out_dtype)
+
+
+def lut_linear_lowrank(x: Tensor, codes: Tensor, lut: Tensor, l1: Tensor, l2: Tensor,
+                       bias: Tensor | None = None) -> Tensor:
+    """x W^T + (x l1) l2 (+ bias) in float64, rounded to x's dtype."""
+    xa = _acc(x)
+    y = xa @ _acc(lut_decode(codes, lut)).T + (xa @ _acc(l1)) @ _acc(l2)
+    if bias is not None:
+        y = y + _acc(bias)
+    return y.to(x.dtype)

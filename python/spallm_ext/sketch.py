@@ -171,6 +171,14 @@ class SketchConfig:
     seed: int = 0
     calib_samples: int = 128
     seq_len: int = 2048
+    # Low-rank branch (spallm_ext.lowrank): rank 0 = plain SketchedLinear layers. With a rank,
+    # sketch_model makes LowRankSketchedLinear layers initialised by lowrank_init ("eora", "svd",
+    # "zeros") from each layer's calibration Hessian; lowrank_smooth_alpha smooths before the SVD
+    # of init="svd"; lowrank_trainable None = "lowrank" for "zeros", "both" otherwise.
+    lowrank_rank: int = 0
+    lowrank_init: str = "eora"
+    lowrank_smooth_alpha: float | None = None
+    lowrank_trainable: str | None = None
 
     def __post_init__(self):
         check_bits(self.bits)
@@ -186,6 +194,18 @@ class SketchConfig:
             raise ValueError(f"init must be 'uniform' or 'kmeans++', got {self.init!r}")
         if self.calib_samples < 1 or self.seq_len < 1:
             raise ValueError("calib_samples and seq_len must be >= 1")
+        if not isinstance(self.lowrank_rank, int) or self.lowrank_rank < 0:
+            raise ValueError(f"lowrank_rank must be an int >= 0, got {self.lowrank_rank!r}")
+        if self.lowrank_init not in ("svd", "eora", "zeros"):
+            raise ValueError(f"lowrank_init must be 'svd', 'eora' or 'zeros', got {self.lowrank_init!r}")
+        if self.lowrank_smooth_alpha is not None:
+            if not 0.0 <= self.lowrank_smooth_alpha <= 1.0:
+                raise ValueError(f"lowrank_smooth_alpha must lie in [0, 1], got {self.lowrank_smooth_alpha}")
+            if self.lowrank_init != "svd":
+                raise ValueError("lowrank_smooth_alpha applies to lowrank_init='svd' only")
+        if self.lowrank_trainable not in (None, "lut", "lowrank", "both"):
+            raise ValueError(f"lowrank_trainable must be None, 'lut', 'lowrank' or 'both', "
+                             f"got {self.lowrank_trainable!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
