@@ -174,3 +174,48 @@ def test_mma_many_tiles_partial_edges():
     y, plan = _run("mma", x, codes, lut)
     assert plan.startswith("mma block_m=128"), plan
     _check_elementwise(y, x, codes, lut, None, torch.bfloat16)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("act_dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("m,n,k,groups", [(1, 128, 64, 1), (33, 200, 512, 4), (1000, 136, 1024, 2),
+                                          (77, 1000, 256, 4)])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_grad_mma_matches_reference(bits, act_dtype, m, n, k, groups, deterministic):
+    codes, _ = make_sketch(n, k, bits, groups, device="cuda", seed=bits + n)
+    x = randn(m, k, dtype=act_dtype, device="cuda", seed=1)
+    dy = randn(m, n, dtype=act_dtype, device="cuda", seed=2)
+    got = spallm_ext.lut_grad(dy, x, codes, groups, 1 << bits, deterministic=deterministic)
+    assert kernels.last_cuda_plan().startswith("mma"), kernels.last_cuda_plan()
+    assert_close_rel(got, reference.lut_grad(dy, x, codes, groups, 1 << bits), torch.float32, factor=2)
+    again = spallm_ext.lut_grad(dy, x, codes, groups, 1 << bits, deterministic=deterministic)
+    if deterministic:
+        assert torch.equal(got, again)
+
+
+def test_grad_mma_follows_torch_deterministic_switch():
+    codes, lut = make_sketch(256, 1024, 4, 4, device="cuda", seed=3)
+    lut.requires_grad_(True)
+    # 500 tokens: the forward stays on the mma path (cuBLAS would need CUBLAS_WORKSPACE_CONFIG
+    # under torch's deterministic mode), the backward is lut_grad's.
+    x = randn(500, 1024, dtype=torch.bfloat16, device="cuda", seed=4)
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(2):
+            lut.grad = None
+            spallm_ext.lut_linear(x, codes, lut).float().square().sum().backward()
+            grads.append(lut.grad.clone())
+        assert torch.equal(grads[0], grads[1])
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("n,k,groups", [(130, 256, 1), (128, 96, 1), (128, 256, 8)])
+def test_grad_falls_back_where_mma_cannot_run(n, k, groups):
+    codes, _ = make_sketch(n, k, 4, groups, device="cuda", seed=n)
+    x = randn(20, k, dtype=torch.bfloat16, device="cuda", seed=1)
+    dy = randn(20, n, dtype=torch.bfloat16, device="cuda", seed=2)
+    got = spallm_ext.lut_grad(dy, x, codes, groups, 16)
+    assert kernels.last_cuda_plan().startswith("simple"), kernels.last_cuda_plan()
+    assert_close_rel(got, reference.lut_grad(dy, x, codes, groups, 16), torch.float32, factor=2)

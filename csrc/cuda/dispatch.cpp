@@ -117,6 +117,30 @@ bool fast_decode_supports(const LutProblem& p, uintptr_t codes_ptr, uintptr_t ou
   return no == nullptr;
 }
 
+bool grad_mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why) {
+  const char* no = nullptr;
+  if (d.major < 8) no = "grad mma needs sm_80 or newer";
+  else if (!is16bit(c.act)) no = "grad mma needs bf16 or fp16 activations";
+  else if (p.N < 1 || p.N % 8 != 0) no = "grad mma needs out_features % 8 == 0";
+  else if (p.K % kTileK != 0 || (p.K / p.G) % kTileK != 0) no = "grad mma needs in_features and group size % 64 == 0";
+  else if (c.act_ptr % 16 != 0 || c.out_ptr % 16 != 0) no = "grad mma needs 16-byte aligned dy and x";
+  else if (c.codes_ptr % 4 != 0 || p.row_bytes % 4 != 0) no = "grad mma needs 4-byte aligned code rows";
+  else if (ceil_div(p.N, kTileN) > 65535) no = "grad mma grid: too many row tiles";
+  if (why != nullptr && no != nullptr) *why = no;
+  return no == nullptr;
+}
+
+Plan plan_lut_grad(const LutProblem& p, const CallInfo& c, const DeviceInfo& d) {
+  const char* no = "";
+  const bool ok = grad_mma_supports(p, c, d, &no);
+  if (forced_path() == Path::Simple) return simple_plan("forced: simple");
+  if (!ok) return simple_plan(no);
+  Plan plan;
+  plan.path = Path::Mma;
+  plan.why = "dW tiles on tensor cores, bucket sums on chip";
+  return plan;
+}
+
 Plan plan_lut_linear(const LutProblem& p, const CallInfo& c, const DeviceInfo& d) {
   const char* mma_no = "";
   const char* dec_no = "";

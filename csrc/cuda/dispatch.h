@@ -49,7 +49,11 @@ struct Plan {
 bool mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why);
 bool fast_decode_supports(const LutProblem& p, uintptr_t codes_ptr, uintptr_t out_ptr, const char** why);
 
+bool grad_mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why);
+
 Plan plan_lut_linear(const LutProblem& p, const CallInfo& c, const DeviceInfo& d);
+// lut_grad: Mma (lut_grad_mma.cu) or Simple. c.act_ptr is dy; c.out_ptr carries x's address.
+Plan plan_lut_grad(const LutProblem& p, const CallInfo& c, const DeviceInfo& d);
 Plan plan_lut_linear_dx(const LutProblem& p, const CallInfo& c, const DeviceInfo& d);
 
 // Process-wide override for tests and benchmarks: every call takes `p` where that path supports

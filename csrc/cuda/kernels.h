@@ -57,4 +57,11 @@ cudaError_t lut_linear_mma(const LutProblem& p, const void* x, DType act_type, c
                            const void* lut, DType lut_type, const void* bias, void* y, int block_m,
                            int splits, float* workspace, cudaStream_t stream);
 
+// dlut[N, G, 2^bits] (fp32) on tensor cores, dW reduced into the buckets on chip (lut_grad_mma.cu).
+// act_type BF16 or F16. workspace == nullptr: one float atomicAdd per bucket per 64-column tile into
+// dlut, which the caller zero-fills first. Deterministic mode: workspace holds
+// (K / 64) * N * 2^bits floats and dlut is fully written. Needs grad_mma_supports().
+cudaError_t lut_grad_mma(const LutProblem& p, const void* dy, const void* x, DType act_type, const uint8_t* codes,
+                         float* dlut, float* workspace, cudaStream_t stream);
+
 }  // namespace spallm::cuda

@@ -157,12 +157,32 @@ at::Tensor lut_grad_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
   const at::Tensor xc = as_tokens(x).contiguous();
   SPALLM_CHECK_VALUE(dyc.size(0) == xc.size(0), op, ": arguments 'dy' and 'x' must have the same number of "
                      "tokens, got ", dyc.size(0), " and ", xc.size(0));
-  // Every element is written by the kernel, zeros included.
+  const cuda::LutProblem p = problem(s, xc.size(0));
+  const cuda::DType act = cuda_dtype(op, "x", x);
+  cuda::CallInfo call;
+  call.act = act;
+  call.act_ptr = address(dyc);
+  call.out_ptr = address(xc);
+  call.codes_ptr = address(codes);
+  const cuda::Plan plan = cuda::plan_lut_grad(p, call, device_info(x.device()));
+  t_last_plan = plan;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (plan.path == cuda::Path::Mma) {
+    // Atomic mode accumulates into zeros; deterministic mode writes every element from a
+    // [column tile, N, 2^b] workspace of per-tile sums.
+    at::Tensor dlut = deterministic ? at::empty({s.N, s.G, s.E}, x.options().dtype(at::kFloat))
+                                    : at::zeros({s.N, s.G, s.E}, x.options().dtype(at::kFloat));
+    at::Tensor ws;
+    if (deterministic) ws = at::empty({s.K / 64 * s.N * s.E}, x.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(cuda::lut_grad_mma(p, dyc.const_data_ptr(), xc.const_data_ptr(), act,
+                                      codes.const_data_ptr<uint8_t>(), dlut.mutable_data_ptr<float>(),
+                                      ws.defined() ? ws.mutable_data_ptr<float>() : nullptr, stream));
+    return dlut;
+  }
+  // Every element is written by the simple kernel, zeros included; it is always deterministic.
   at::Tensor dlut = at::empty({s.N, s.G, s.E}, x.options().dtype(at::kFloat));
-  C10_CUDA_CHECK(cuda::lut_grad(problem(s, xc.size(0)), dyc.const_data_ptr(), xc.const_data_ptr(),
-                                cuda_dtype(op, "x", x), codes.const_data_ptr<uint8_t>(),
-                                dlut.mutable_data_ptr<float>(), deterministic,
-                                at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(cuda::lut_grad(p, dyc.const_data_ptr(), xc.const_data_ptr(), act, codes.const_data_ptr<uint8_t>(),
+                                dlut.mutable_data_ptr<float>(), deterministic, stream));
   return dlut;
 }
 
