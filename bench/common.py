@@ -81,6 +81,23 @@ def time_cuda(fn, *, runs: int = 100, warmup: int = 10, flush_l2: bool = True) -
     return {"median_us": statistics.median(times), "min_us": min(times), "runs": runs}
 
 
+def time_cuda_graph(fn, *, runs: int = 100, warmup: int = 3, flush_l2: bool = True) -> dict:
+    """time_cuda of one replay of `fn` captured in a CUDA graph: for calls of a few microseconds,
+    where Python and launch overhead between the kernels of one call would otherwise be timed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    out = time_cuda(graph.replay, runs=runs, warmup=warmup, flush_l2=flush_l2)
+    out["cuda_graph"] = True
+    return out
+
+
 def write_results(path: str | os.PathLike, device: str, rows: list[dict], **extra) -> None:
     out = {**metadata(device), **extra, "rows": rows}
     path = Path(path)
