@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One full validation on the GPU machine (see ../shared/notes/gpu.md): build with CUDA, run the
 # whole test suite, compute-sanitizer (memcheck + racecheck) on the CUDA tests, then benchmarks.
-# Everything goes to $OUT (logs + JSON). Usage: bash bench/gpu_validate.sh [build|test|sanitize|bench]...
+# Everything goes to $OUT (logs + JSON). Usage: bash bench/gpu_validate.sh [build|test|sanitize|bench|train]...
+# BENCH_ARGS / TRAIN_ARGS pass extra arguments to bench_forward.py / bench_train.py.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 OUT=${OUT:-/tmp/spallm_out}; mkdir -p "$OUT"
-steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(build test sanitize bench)
+steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(build test sanitize bench train)
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
@@ -32,5 +33,8 @@ for s in "${steps[@]}"; do
         -p no:cacheprovider > "$OUT/sanitizer_racecheck.log" 2>&1; echo "racecheck rc=$?"; tail -4 "$OUT/sanitizer_racecheck.log" ;;
     bench)
       SPALLM_COMMIT=${SPALLM_COMMIT:-} python3 bench/bench_forward.py --out "$OUT/forward.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_forward.log" | tail -40 ;;
+    train)
+      # Training step (issue 5): the QLoRA rows need bitsandbytes from .whl (see bench/README.md).
+      SPALLM_COMMIT=${SPALLM_COMMIT:-} python3 bench/bench_train.py --out "$OUT/train.json" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/bench_train.log" | tail -60 ;;
   esac
 done
