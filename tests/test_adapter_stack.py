@@ -265,3 +265,21 @@ def test_compile_fullgraph_with_adapters():
         assert_close_rel(y_c, y_e)
         for a, b in zip(g_c, g_e):
             assert_close_rel(a, b)
+
+
+def test_index_forms_on_a_single_layer():
+    """A 0-dim index is one adapter for all; a submodule of a stacked model can be driven alone."""
+    model = tiny_sketched_llama(seed=4)
+    stack_adapters(model, {"a": _adapter_state(model, 1)})
+    layer = model.model.layers[0].mlp.up_proj
+    x = randn(2, 3, layer.in_features, seed=2)
+    with torch.no_grad():
+        with use_adapters(layer, torch.tensor(1)):
+            y0 = layer(x)
+        with use_adapters(layer, torch.tensor([1, 1])):
+            y1 = layer(x)
+    assert torch.equal(y0, spallm_ext.lut_linear(x, layer.codes, layer.lut_stack[1].detach()))
+    assert_close_rel(y1, y0)
+    with pytest.raises(ValueError, match=r"index must lie in \[0, 2\), got 2"):
+        with use_adapters(layer, torch.tensor(2)):
+            pass

@@ -152,18 +152,24 @@ def adapter_names(model: nn.Module) -> list[str]:
     return []
 
 
-def _adapter_number(model: nn.Module, adapter: int | str, what: str = "adapter") -> int:
-    names = adapter_names(model)
-    if not names:
+def _stack_size(model: nn.Module) -> int:
+    sizes = {m.lut_stack.shape[0] for m in _modules(model).values() if m.lut_stack is not None}
+    if not sizes:
         raise RuntimeError("no adapters are stacked on this model: call stack_adapters(model, ...) first")
+    return sizes.pop()
+
+
+def _adapter_number(model: nn.Module, adapter: int | str, what: str = "adapter") -> int:
     if isinstance(adapter, str):
+        names = adapter_names(model)
         if adapter not in names:
             raise ValueError(f"{what}: no adapter named {adapter!r}; stacked: {names}")
         return names.index(adapter)
     if isinstance(adapter, bool) or not isinstance(adapter, int):
         raise TypeError(f"{what} must be an adapter name or an int, got {type(adapter).__name__}")
-    if not 0 <= adapter < len(names):
-        raise ValueError(f"{what} must lie in [0, {len(names)}), got {adapter}")
+    count = _stack_size(model)
+    if not 0 <= adapter < count:
+        raise ValueError(f"{what} must lie in [0, {count}), got {adapter}")
     return adapter
 
 
@@ -174,9 +180,9 @@ def _index_tensor(model: nn.Module, index: Index) -> int | Tensor:
     if isinstance(index, Tensor):
         if index.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"index must be an int64 or int32 tensor of adapter numbers, got {index.dtype}")
-        count = len(adapter_names(model))
-        if count == 0:
-            raise RuntimeError("no adapters are stacked on this model: call stack_adapters(model, ...) first")
+        if index.dim() == 0:
+            return _adapter_number(model, int(index), "index")
+        count = _stack_size(model)
         if index.numel():
             lo, hi = int(index.min()), int(index.max())  # one host sync per use_adapters, not per layer
             if lo < 0 or hi >= count:
@@ -237,7 +243,8 @@ def save_stacked_adapter(model: nn.Module, adapter: int | str, path: str | os.Pa
     with _luts_saved(mods):
         for m in mods.values():
             m.lut.copy_(m.lut_stack[a])
-        return save_adapter(model, path, name=adapter_names(model)[a], lut_dtype=lut_dtype)
+        names = adapter_names(model)
+        return save_adapter(model, path, name=names[a] if a < len(names) else f"adapter{a}", lut_dtype=lut_dtype)
 
 
 @torch.no_grad()
