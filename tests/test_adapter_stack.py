@@ -188,6 +188,10 @@ def test_plain_layer_unchanged_by_the_stack_api():
     assert [n for n, _ in layer.named_parameters()] == ["lut", "bias"]
     x = randn(3, 16, seed=1)
     assert torch.equal(layer(x), spallm_ext.lut_linear(x, layer.codes, layer.lut, layer.bias))
+    # a module pickled before stacks existed has neither attribute; its forward still works
+    del layer.adapter_index
+    del layer._parameters["lut_stack"]
+    assert torch.equal(layer(x), spallm_ext.lut_linear(x, layer.codes, layer.lut, layer.bias))
 
 
 def test_bad_input_names_the_argument(served, tmp_path):

@@ -95,7 +95,7 @@ class SketchedLinear(nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        index = self.adapter_index
+        index = getattr(self, "adapter_index", None)   # absent on modules pickled before stacks existed
         if index is None:
             return ops.lut_linear(x, self.codes, self.lut, bias)
         if self.lut_stack is None:
