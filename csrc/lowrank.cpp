@@ -3,8 +3,8 @@
 // It is three dispatcher calls: the backend's own lut_linear kernel for x W^T (+ bias), then
 // t = x l1 and y += t l2 as GEMMs. That is exact and runs wherever lut_linear runs, but costs
 // three launches and reads x twice; Nunchaku measured such an unfused rank-32 branch at +57 %
-// latency. The fused CUDA kernel computes t while the x tiles are on chip and adds t l2 in the
-// epilogue of the LUT GEMM; it replaces the CUDA registration at the bottom of this file.
+// latency. On CUDA the mma kernel adds t l2 inside its epilogue instead (t = x l1 stays a skinny
+// GEMM before it), so y is written once; csrc/cuda/ops.cpp registers that and falls back to this.
 #include "lowrank.h"
 
 #include <ATen/ATen.h>
@@ -86,13 +86,7 @@ TORCH_LIBRARY_IMPL(spallm, CPU, m) {
   m.impl("lut_linear_lowrank", &lut_linear_lowrank_composite);
 }
 
-#ifdef SPALLM_WITH_CUDA
-// ---- CUDA registration of lut_linear_lowrank -------------------------------------------------
-// The unfused composite, until the fused kernel lands: delete this block and register the fused
-// kernel in csrc/cuda/ops.cpp (m.impl("lut_linear_lowrank", ...)); a key may be registered once.
-TORCH_LIBRARY_IMPL(spallm, CUDA, m) {
-  m.impl("lut_linear_lowrank", &lut_linear_lowrank_composite);
-}
-#endif
+// The CUDA registration is csrc/cuda/ops.cpp's lut_linear_lowrank_cuda: the branch fused into the
+// mma kernel's epilogue, this composite for the calls that kernel does not take.
 
 }  // namespace spallm

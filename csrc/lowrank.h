@@ -9,10 +9,9 @@
 // conversion time (python/spallm_ext/lowrank.py), so no kernel ever sees them.
 //
 // csrc/lowrank.cpp holds the backend-independent version (lut_linear through the dispatcher, then
-// two GEMMs) and registers it for CPU and, in CUDA builds, for CUDA. A fused CUDA kernel replaces
-// only that CUDA registration; it should validate with check_lut_linear_lowrank below so both
-// backends raise the same errors, and may fall back to lut_linear_lowrank_composite for cases it
-// does not cover.
+// two GEMMs), registered for CPU. The CUDA registration (csrc/cuda/ops.cpp) fuses the branch into
+// the mma kernel's epilogue, validates with check_lut_linear_lowrank below so both backends raise
+// the same errors, and falls back to lut_linear_lowrank_composite for calls it does not cover.
 #pragma once
 #include <ATen/core/Tensor.h>
 

@@ -10,24 +10,33 @@
 namespace spallm {
 namespace {
 
-// (adapter, token rows) for every adapter that at least one token uses, rows as int64 indices on
-// the tokens' device. Validates adapter_index: integer, one entry per token, in [0, A).
-std::vector<std::pair<int64_t, at::Tensor>> group_tokens(const char* op, const at::Tensor& adapter_index,
-                                                         int64_t tokens, int64_t num_adapters,
-                                                         const at::Tensor& ref) {
+// adapter_index as int64 [M] after the checks every multi-adapter entry point shares: integer,
+// one entry per token, on the codes' device, in [0, A) (the one host sync).
+at::Tensor checked_index(const char* op, const at::Tensor& adapter_index, int64_t tokens, int64_t num_adapters,
+                         const at::Tensor& ref) {
   SPALLM_CHECK_TYPE(adapter_index.scalar_type() == at::kLong || adapter_index.scalar_type() == at::kInt, op,
                     ": argument 'adapter_index' must be int64 or int32, got ", adapter_index.scalar_type());
   check_same_device(op, "adapter_index", adapter_index, "codes", ref);
   SPALLM_CHECK_VALUE(adapter_index.numel() == tokens, op, ": argument 'adapter_index' must hold one entry per "
                      "token (", tokens, "), got ", adapter_index.numel());
   SPALLM_CHECK_VALUE(num_adapters >= 1, op, ": the LUT stack must hold at least one adapter");
-  std::vector<std::pair<int64_t, at::Tensor>> groups;
-  if (tokens == 0) return groups;
   const at::Tensor idx = adapter_index.reshape({-1}).to(at::kLong);
+  if (tokens == 0) return idx;
   const auto [lo, hi] = at::aminmax(idx);
   const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
   SPALLM_CHECK_VALUE(lo_v >= 0 && hi_v < num_adapters, op, ": argument 'adapter_index' must lie in [0, ",
                      num_adapters, "), found ", lo_v < 0 ? lo_v : hi_v);
+  return idx;
+}
+
+// (adapter, token rows) for every adapter that at least one token uses, rows as int64 indices on
+// the tokens' device.
+std::vector<std::pair<int64_t, at::Tensor>> group_tokens(const char* op, const at::Tensor& adapter_index,
+                                                         int64_t tokens, int64_t num_adapters,
+                                                         const at::Tensor& ref) {
+  const at::Tensor idx = checked_index(op, adapter_index, tokens, num_adapters, ref);
+  std::vector<std::pair<int64_t, at::Tensor>> groups;
+  if (tokens == 0) return groups;
   const at::Tensor order = std::get<1>(idx.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
   const at::Tensor counts = at::bincount(idx, {}, num_adapters).cpu();
   const int64_t* c = counts.const_data_ptr<int64_t>();
@@ -47,6 +56,17 @@ void check_stack(const char* op, const at::Tensor& lut) {
 }
 
 }  // namespace
+
+AdapterOrder sort_by_adapter(const char* op, const at::Tensor& adapter_index, int64_t tokens, int64_t num_adapters,
+                             const at::Tensor& ref) {
+  const at::Tensor idx = checked_index(op, adapter_index, tokens, num_adapters, ref);
+  AdapterOrder out;
+  out.order = std::get<1>(idx.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
+  // offsets = [0, cumsum(counts)], computed where the tokens are: no further sync.
+  out.offsets = at::zeros({num_adapters + 1}, idx.options());
+  if (tokens > 0) out.offsets.narrow(0, 1, num_adapters).copy_(at::bincount(idx, {}, num_adapters).cumsum(0));
+  return out;
+}
 
 at::Tensor lut_linear_adapters(LinearFn one, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut,
                                const std::optional<at::Tensor>& bias, const at::Tensor& adapter_index) {

@@ -30,6 +30,17 @@ at::Tensor lut_grad_adapters(LutGradFn one, const at::Tensor& dy, const at::Tens
                              const at::Tensor& codes, int64_t groups_per_row, int64_t num_entries,
                              const at::Tensor& adapter_index, int64_t num_adapters, bool deterministic);
 
+// Tokens in stable adapter order, for kernels that serve all adapters in one launch: x_sorted =
+// x[order], adapter a's tokens are rows [offsets[a], offsets[a + 1]) of x_sorted. order [M] and
+// offsets [A + 1] are int64 on adapter_index's device. Validates adapter_index as the functions
+// above do (the range check is the one host sync).
+struct AdapterOrder {
+  at::Tensor order;
+  at::Tensor offsets;
+};
+AdapterOrder sort_by_adapter(const char* op, const at::Tensor& adapter_index, int64_t tokens, int64_t num_adapters,
+                             const at::Tensor& ref);
+
 // Defines prefix_lut_linear, prefix_lut_linear_dx and prefix_lut_grad: the functions a backend
 // registers. They take the optional adapter arguments and route to the functions above when
 // adapter_index is given, else straight to the backend's single-adapter ops.

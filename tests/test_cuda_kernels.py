@@ -219,3 +219,59 @@ def test_grad_falls_back_where_mma_cannot_run(n, k, groups):
     got = spallm_ext.lut_grad(dy, x, codes, groups, 16)
     assert kernels.last_cuda_plan().startswith("simple"), kernels.last_cuda_plan()
     assert_close_rel(got, reference.lut_grad(dy, x, codes, groups, 16), torch.float32, factor=2)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("act_dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("m,n,k,rank", [(1, 200, 1024, 16), (9, 256, 512, 32), (300, 136, 256, 64),
+                                        (2000, 128, 256, 8)])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_lowrank_fused_matches_reference(bits, act_dtype, m, n, k, rank, with_bias):
+    codes, lut = make_sketch(n, k, bits, 4, device="cuda", seed=bits + m)
+    x = randn(m, k, dtype=act_dtype, device="cuda", seed=1)
+    l1 = randn(k, rank, device="cuda", seed=2) * 0.05
+    l2 = randn(rank, n, device="cuda", seed=3) * 0.05
+    bias = randn(n, dtype=act_dtype, device="cuda", seed=4) if with_bias else None
+    y = spallm_ext.lut_linear_lowrank(x, codes, lut, l1, l2, bias)
+    plan = kernels.last_cuda_plan()
+    assert plan.startswith("mma" if m <= 512 else "decode_gemm"), plan
+    ref = reference.lut_linear(x.double(), codes, lut.double(), None if bias is None else bias.double())
+    ref = ref + x.double() @ l1.double() @ l2.double()
+    assert_close_rel(y, ref.to(act_dtype))
+    if m <= 512:
+        # fused epilogue: one rounding, so elementwise close to the rounded-W reference plus branch
+        ref_w = reference.lut_linear(x.double(), codes, lut.to(act_dtype).double(),
+                                     None if bias is None else bias.double()) + x.double() @ l1.double() @ l2.double()
+        err = (y.double() - ref_w).abs().max().item()
+        assert err <= 2.0 ** -7 * (ref_w.abs().max().item() + 1e-6)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("m,adapters", [(64, 16), (5, 8), (300, 3), (1, 4)])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_multi_adapter_single_launch(bits, m, adapters, with_bias):
+    n, k, groups = 200, 512, 4
+    codes, lut = make_sketch(n, k, bits, groups, device="cuda", seed=bits)
+    stack = torch.stack([lut + 0.1 * randn(*lut.shape, device="cuda", seed=a) for a in range(adapters)])
+    # adapters unused by any token (index skips the last one) and an uneven split
+    index = (torch.arange(m, device="cuda") * 7) % max(1, adapters - 1)
+    x = randn(m, k, dtype=torch.bfloat16, device="cuda", seed=5)
+    bias = randn(n, dtype=torch.bfloat16, device="cuda", seed=6) if with_bias else None
+    y = spallm_ext.lut_linear(x, codes, stack, bias, index)
+    assert kernels.last_cuda_plan().startswith("mma"), kernels.last_cuda_plan()
+    for a in index.unique().tolist():
+        rows = (index == a).nonzero().flatten()
+        _check_elementwise(y[rows], x[rows], codes, stack[a], bias, torch.bfloat16)
+    with kernels.use_cuda_kernel("simple"):
+        y_simple = spallm_ext.lut_linear(x, codes, stack, bias, index)
+    assert_close_rel(y.float(), y_simple.float(), torch.bfloat16, factor=2)
+
+
+def test_multi_adapter_bad_index_still_errors_clearly():
+    codes, lut = make_sketch(128, 256, 4, 1, device="cuda")
+    stack = lut.unsqueeze(0).repeat(3, 1, 1, 1)
+    x = randn(4, 256, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="adapter_index"):
+        spallm_ext.lut_linear(x, codes, stack, None, torch.tensor([0, 1, 3, 0], device="cuda"))
+    with pytest.raises(ValueError, match="adapter_index"):
+        spallm_ext.lut_linear(x, codes, stack, None, torch.tensor([0, 1], device="cuda"))

@@ -49,13 +49,31 @@ cudaError_t lut_decode(const LutProblem& p, const uint8_t* codes, const void* lu
 cudaError_t lut_decode_fast(const LutProblem& p, const uint8_t* codes, const void* lut, DType lut_type,
                             void* w, DType out_type, cudaStream_t stream);
 
+// An optional low-rank branch added to lut_linear_mma's accumulators before the single rounding:
+// y += t l2 with t = x l1 [M, rank] (computed by the caller) and l2 [rank, N], both fp32 row-major.
+struct LowRank {
+  const float* t = nullptr;  // nullptr: no branch
+  const float* l2 = nullptr;
+  int64_t rank = 0;
+};
+
+// Multi-adapter batches on the mma path: x's rows are grouped by adapter, rows
+// [offsets[a], offsets[a+1]) use the LUT at element offset a * lut_stride of a stack [A, N, G, 2^b],
+// and y comes out in the same grouped order. offsets (A + 1 int64, on the device) == nullptr: one LUT.
+struct Segments {
+  const int64_t* offsets = nullptr;
+  int64_t count = 1;
+  int64_t lut_stride = 0;
+};
+
 // y = x W^T (+ bias) on tensor cores with W decoded tile by tile in shared memory (lut_mma.cu).
 // act_type is BF16 or F16 and W is rounded to it, as a bf16/fp16 nn.Linear's weight would be;
 // fp32 accumulation. block_m in {16, 32, 64, 128}; with splits > 1 `workspace` holds
 // splits * M * N floats (partial sums, added in split order: deterministic). Needs mma_supports().
 cudaError_t lut_linear_mma(const LutProblem& p, const void* x, DType act_type, const uint8_t* codes,
                            const void* lut, DType lut_type, const void* bias, void* y, int block_m,
-                           int splits, float* workspace, cudaStream_t stream);
+                           int splits, float* workspace, const LowRank& lowrank, const Segments& segments,
+                           cudaStream_t stream);
 
 // dlut[N, G, 2^bits] (fp32) on tensor cores, dW reduced into the buckets on chip (lut_grad_mma.cu).
 // act_type BF16 or F16. workspace == nullptr: one float atomicAdd per bucket per 64-column tile into

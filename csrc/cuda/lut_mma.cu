@@ -19,6 +19,12 @@
 // Small M is bound by reading codes: 132 SMs need more blocks than N/128 row tiles, so K is split
 // across blockIdx.z (dispatch.cpp picks the split) and the fp32 partials are added in split order
 // by a second kernel, with the bias (deterministic, no atomics).
+// A low-rank branch (spallm.lut_linear_lowrank: y += (x l1) l2) joins in the epilogue, where the
+// finished accumulators get bias + t[m, :] . l2[:, n] before their one rounding (in the split-K
+// reduction when K is split); t = x l1 is a skinny GEMM the caller runs first.
+// Multi-adapter batches (tokens grouped by adapter, Segments) run in the same launch: blockIdx.z
+// also walks the adapters, a block takes token tiles of its adapter's segment only and reads that
+// adapter's LUT; the codes tiles are shared through L2, so HBM still sees them about once.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -69,17 +75,35 @@ struct Smem {
   static constexpr int kBytes = kCodes + C::kStages * kCodeBytes;
 };
 
+// t[m, :] . l2[:, n] in fp32 (0 without a branch). Threads of a warp share m and take 8
+// consecutive n, so the l2 reads of one j are one 32-byte segment; t's row stays in L1.
+__device__ __forceinline__ float low_rank_term(const LowRank& lr, int64_t m, int64_t n, int64_t N) {
+  if (lr.t == nullptr) return 0.f;
+  const float* t = lr.t + m * lr.rank;
+  float s = 0.f;
+  for (int64_t j = 0; j < lr.rank; ++j) s += __ldg(t + j) * __ldg(lr.l2 + j * N + n);
+  return s;
+}
+
 template <int BITS, typename A, int BM>
 __global__ void __launch_bounds__(kThreads, 2)
 lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict__ codes,
                const void* __restrict__ lut, DType lut_type, const A* __restrict__ bias,
-               A* __restrict__ y, float* __restrict__ workspace, int splits) {
+               A* __restrict__ y, float* __restrict__ workspace, int splits, LowRank lowrank, Segments seg) {
   using C = Config<BM>;
   using S = Smem<BITS, BM>;
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int64_t n0 = int64_t(blockIdx.x) * kBlockN, m0 = int64_t(blockIdx.y) * BM;
-  const int split = blockIdx.z;
+  const int split = blockIdx.z % splits;
+  const int64_t adapter = blockIdx.z / splits;
+  // Token rows [m_begin, m_end) belong to this block's adapter; the grid has tiles for the largest
+  // possible segment, so blocks past the end of theirs leave at once (block-uniform, before any
+  // barrier).
+  const int64_t m_begin = seg.offsets != nullptr ? seg.offsets[adapter] : 0;
+  const int64_t m_end = seg.offsets != nullptr ? seg.offsets[adapter + 1] : p.M;
+  const int64_t n0 = int64_t(blockIdx.x) * kBlockN, m0 = m_begin + int64_t(blockIdx.y) * BM;
+  if (m0 >= m_end) return;
+  const int64_t lut_offset = adapter * seg.lut_stride;
 
   const int64_t steps_total = p.K / kBlockK, steps_per_group = p.K / p.G / kBlockK;
   const int64_t step_begin = steps_total * split / splits, step_end = steps_total * (split + 1) / splits;
@@ -106,7 +130,7 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
     for (int i = tid; i < BM * SwizzledTile64::kUnits; i += kThreads) {
       const int tok = i / SwizzledTile64::kUnits, u = i % SwizzledTile64::kUnits;
       const int64_t m = m0 + tok;
-      const bool ok = m < p.M;
+      const bool ok = m < m_end;
       const A* src = ok ? x + m * p.K + step * kBlockK + u * 8 : x;
       cp_async<16>(xt.unit(tok, u), src, ok);
     }
@@ -118,7 +142,7 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
     for (int i = tid; i < S::kTableFloats; i += kThreads) {
       const int e = i / kBlockN, row = i % kBlockN;
       const int64_t n = n0 + row;
-      t[i] = n < p.N ? load_float(lut, lut_type, (n * p.G + g) * S::kEntries + e) : 0.f;
+      t[i] = n < p.N ? load_float(lut, lut_type, lut_offset + (n * p.G + g) * S::kEntries + e) : 0.f;
     }
   };
 
@@ -217,10 +241,10 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int64_t m = m0 + wm * C::kWarpTokens + j * 8 + 2 * t + e;
-          if (m >= p.M) continue;
+          if (m >= m_end) continue;
           const float v = acc[i][j][h * 2 + e];
           if (splits == 1) {
-            y[m * p.N + n] = from_float<A>(v + b);
+            y[m * p.N + n] = from_float<A>(v + b + low_rank_term(lowrank, m, n, p.N));
           } else {
             workspace[(split * p.M + m) * p.N + n] = v;
           }
@@ -230,45 +254,47 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
   }
 }
 
-// y[m, n] = sum over splits, in split order, of the partials (+ bias[n]).
+// y[m, n] = sum over splits, in split order, of the partials (+ bias[n] + the low-rank term).
 template <typename A>
 __global__ void __launch_bounds__(256)
 splitk_reduce_kernel(int64_t M, int64_t N, int splits, const float* __restrict__ workspace,
-                     const A* __restrict__ bias, A* __restrict__ y) {
+                     const A* __restrict__ bias, A* __restrict__ y, LowRank lowrank) {
   const int64_t total = M * N;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     float s = bias != nullptr ? to_float(bias[i % N]) : 0.f;
     for (int k = 0; k < splits; ++k) s += workspace[k * total + i];
-    y[i] = from_float<A>(s);
+    y[i] = from_float<A>(s + low_rank_term(lowrank, i / N, i % N, N));
   }
 }
 
 template <int BITS, typename A, int BM>
 cudaError_t launch(const LutProblem& p, const A* x, const uint8_t* codes, const void* lut, DType lut_type,
-                   const A* bias, A* y, int splits, float* workspace, cudaStream_t stream) {
+                   const A* bias, A* y, int splits, float* workspace, const LowRank& lowrank, const Segments& seg,
+                   cudaStream_t stream) {
   using S = Smem<BITS, BM>;
   auto kernel = lut_mma_kernel<BITS, A, BM>;
   cudaError_t err = allow_smem<S>(kernel, S::kBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kBlockN)), static_cast<unsigned>(ceil_div(p.M, BM)),
-                  static_cast<unsigned>(splits));
-  kernel<<<grid, kThreads, S::kBytes, stream>>>(p, x, codes, lut, lut_type, bias, y, workspace, splits);
+                  static_cast<unsigned>(splits * seg.count));
+  kernel<<<grid, kThreads, S::kBytes, stream>>>(p, x, codes, lut, lut_type, bias, y, workspace, splits, lowrank, seg);
   err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
   const int64_t total = p.M * p.N;
   const unsigned blocks = static_cast<unsigned>(ceil_div(total, 256) < 65536 ? ceil_div(total, 256) : 65536);
-  splitk_reduce_kernel<A><<<blocks, 256, 0, stream>>>(p.M, p.N, splits, workspace, bias, y);
+  splitk_reduce_kernel<A><<<blocks, 256, 0, stream>>>(p.M, p.N, splits, workspace, bias, y, lowrank);
   return cudaGetLastError();
 }
 
 template <int BITS, typename A>
 cudaError_t launch_bm(int block_m, const LutProblem& p, const A* x, const uint8_t* codes, const void* lut,
-                      DType lut_type, const A* bias, A* y, int splits, float* workspace, cudaStream_t stream) {
+                      DType lut_type, const A* bias, A* y, int splits, float* workspace, const LowRank& lr,
+                      const Segments& seg, cudaStream_t stream) {
   switch (block_m) {
-    case 16: return launch<BITS, A, 16>(p, x, codes, lut, lut_type, bias, y, splits, workspace, stream);
-    case 32: return launch<BITS, A, 32>(p, x, codes, lut, lut_type, bias, y, splits, workspace, stream);
-    case 64: return launch<BITS, A, 64>(p, x, codes, lut, lut_type, bias, y, splits, workspace, stream);
-    case 128: return launch<BITS, A, 128>(p, x, codes, lut, lut_type, bias, y, splits, workspace, stream);
+    case 16: return launch<BITS, A, 16>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
+    case 32: return launch<BITS, A, 32>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
+    case 64: return launch<BITS, A, 64>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
+    case 128: return launch<BITS, A, 128>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -277,9 +303,11 @@ cudaError_t launch_bm(int block_m, const LutProblem& p, const A* x, const uint8_
 
 cudaError_t lut_linear_mma(const LutProblem& p, const void* x, DType act_type, const uint8_t* codes,
                            const void* lut, DType lut_type, const void* bias, void* y, int block_m,
-                           int splits, float* workspace, cudaStream_t stream) {
+                           int splits, float* workspace, const LowRank& lowrank, const Segments& segments,
+                           cudaStream_t stream) {
   if (p.bits < 2 || p.bits > 4 || p.G < 1 || p.K % kBlockK != 0 || (p.K / p.G) % kBlockK != 0 || splits < 1 ||
-      (splits > 1 && workspace == nullptr)) {
+      (splits > 1 && workspace == nullptr) || (lowrank.t != nullptr && (lowrank.l2 == nullptr || lowrank.rank < 1)) ||
+      segments.count < 1 || splits * segments.count > 65535) {
     return cudaErrorInvalidValue;
   }
   if (p.M == 0 || p.N == 0) return cudaSuccess;
@@ -287,7 +315,8 @@ cudaError_t lut_linear_mma(const LutProblem& p, const void* x, DType act_type, c
     using A = typename decltype(tag)::type;
     return SPALLM_DISPATCH_BITS(p.bits, [&] {
       return launch_bm<BITS, A>(block_m, p, static_cast<const A*>(x), codes, lut, lut_type,
-                                static_cast<const A*>(bias), static_cast<A*>(y), splits, workspace, stream);
+                                static_cast<const A*>(bias), static_cast<A*>(y), splits, workspace, lowrank, segments,
+                                stream);
     });
   };
   switch (act_type) {

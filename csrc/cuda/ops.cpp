@@ -9,11 +9,13 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "checks.h"
 #include "kernel_select.h"
+#include "lowrank.h"
 #include "multi_adapter.h"
 #include "cuda/dispatch.h"
 #include "cuda/kernels.h"
@@ -102,7 +104,8 @@ at::Tensor lut_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const a
       C10_CUDA_CHECK(cuda::lut_linear_mma(p, xc.const_data_ptr(), act, codes.const_data_ptr<uint8_t>(),
                                           lut.const_data_ptr(), lut_type, bias_ptr, y.mutable_data_ptr(),
                                           plan.block_m, plan.splits,
-                                          ws.defined() ? ws.mutable_data_ptr<float>() : nullptr, stream));
+                                          ws.defined() ? ws.mutable_data_ptr<float>() : nullptr, cuda::LowRank{},
+                                          cuda::Segments{}, stream));
     } else {
       C10_CUDA_CHECK(cuda::lut_linear(p, xc.const_data_ptr(), act, codes.const_data_ptr<uint8_t>(),
                                       lut.const_data_ptr(), lut_type, bias_ptr, y.mutable_data_ptr(), stream));
@@ -206,7 +209,112 @@ at::Tensor lut_decode_cuda(const at::Tensor& codes, const at::Tensor& lut) {
   return w;
 }
 
+// y = x W^T + (x l1) l2 (+ bias). On the mma path the branch is fused: t = x l1 is one skinny fp32
+// GEMM, and the LUT kernel adds t l2 to its accumulators before the single rounding (no pass over
+// y). On decode_gemm (large M, 16-bit x) both products are cuBLAS GEMMs into one output, the
+// second accumulating into the first (so y is rounded twice, as an unfused bf16 layer's would be).
+// Other calls take the backend-independent composite of csrc/lowrank.cpp.
+at::Tensor lut_linear_lowrank_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut,
+                                   const at::Tensor& l1, const at::Tensor& l2, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "spallm.lut_linear_lowrank";
+  const LutShape s = check_lut_linear_lowrank(op, x, codes, lut, l1, l2, bias);
+  cuda_dtype(op, "lut", lut);
+  const c10::cuda::CUDAGuard guard(x.device());
+  // The op's dtypes are its contract: autocast must not recast the GEMMs below.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const at::Tensor xc = as_tokens(x).contiguous();
+  const cuda::LutProblem p = problem(s, xc.size(0));
+  const cuda::DType act = cuda_dtype(op, "x", x), lut_type = cuda_dtype(op, "lut", lut);
+  cuda::CallInfo call;
+  call.act = act;
+  call.lut = lut_type;
+  call.act_ptr = address(xc);
+  call.codes_ptr = address(codes);
+  const cuda::Plan plan = cuda::plan_lut_linear(p, call, device_info(x.device()));
+  const bool half = act != cuda::DType::F32;
+  if (p.M == 0 || !(plan.path == cuda::Path::Mma || (plan.path == cuda::Path::DecodeGemm && half))) {
+    return lut_linear_lowrank_composite(x, codes, lut, l1, l2, bias);
+  }
+  t_last_plan = plan;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor y;
+  if (plan.path == cuda::Path::Mma) {
+    const at::Tensor t = at::mm(xc.to(at::kFloat), l1.to(at::kFloat));  // [M, rank]
+    const at::Tensor l2f = l2.to(at::kFloat).contiguous();
+    cuda::LowRank lr;
+    lr.t = t.const_data_ptr<float>();
+    lr.l2 = l2f.const_data_ptr<float>();
+    lr.rank = l2f.size(0);
+    y = at::empty({p.M, s.N}, x.options());
+    at::Tensor ws;
+    if (plan.splits > 1) ws = at::empty({plan.splits * p.M * p.N}, x.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(cuda::lut_linear_mma(p, xc.const_data_ptr(), act, codes.const_data_ptr<uint8_t>(),
+                                        lut.const_data_ptr(), lut_type, bc.defined() ? bc.const_data_ptr() : nullptr,
+                                        y.mutable_data_ptr(), plan.block_m, plan.splits,
+                                        ws.defined() ? ws.mutable_data_ptr<float>() : nullptr, lr, cuda::Segments{},
+                                        stream));
+  } else {
+    at::Tensor w = at::empty({s.N, s.K}, x.options());
+    C10_CUDA_CHECK(cuda::lut_decode_fast(p, codes.const_data_ptr<uint8_t>(), lut.const_data_ptr(), lut_type,
+                                         w.mutable_data_ptr(), act, stream));
+    y = bc.defined() ? at::addmm(bc, xc, w.t()) : at::mm(xc, w.t());
+    y.addmm_(at::mm(xc, l1.to(x.scalar_type())), l2.to(x.scalar_type()));
+  }
+  return y.reshape(sizes_with_last(x.sizes(), s.N));
+}
+
 SPALLM_DEFINE_ADAPTER_ENTRY_POINTS(cuda, lut_linear_cuda, lut_linear_dx_cuda, lut_grad_cuda)
+
+// lut_linear with a LUT stack and adapter_index: when the mma path takes the batch, every adapter is
+// served by one launch (tokens sorted by adapter, one block column per adapter segment) instead of
+// one call per adapter, each of which would read all the codes again. Everything else, including
+// every error, goes through the backend-independent routing of csrc/multi_adapter.cpp.
+at::Tensor cuda_lut_linear_entry(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& adapter_index) {
+  if (!adapter_index.has_value() || lut.dim() != 4 || lut.size(0) < 1 || !lut.is_contiguous() || x.dim() < 1 ||
+      !x.is_cuda()) {
+    return cuda_lut_linear(x, codes, lut, bias, adapter_index);
+  }
+  constexpr const char* op = "spallm.lut_linear";
+  const LutShape s = check_codes_lut_cuda(op, codes, lut.select(0, 0));
+  check_activation(op, "x", x, s.K, /*allow_double=*/false);
+  check_same_device(op, "x", x, "codes", codes);
+  if (bias.has_value()) check_bias(op, *bias, x, s.N);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor x2 = as_tokens(x);
+  const cuda::LutProblem p = problem(s, x2.size(0));
+  const cuda::DType act = cuda_dtype(op, "x", x), lut_type = cuda_dtype(op, "lut", lut);
+  cuda::CallInfo call;
+  call.act = act;
+  call.lut = lut_type;
+  call.act_ptr = 0;  // the sorted copy of x is a fresh (aligned) tensor
+  call.codes_ptr = address(codes);
+  const cuda::Plan plan = cuda::plan_lut_linear(p, call, device_info(x.device()));
+  const int64_t adapters = lut.size(0);
+  if (plan.path != cuda::Path::Mma || p.M == 0 || plan.splits * adapters > 65535) {
+    return cuda_lut_linear(x, codes, lut, bias, adapter_index);
+  }
+  const AdapterOrder ao = sort_by_adapter(op, *adapter_index, p.M, adapters, codes);
+  t_last_plan = plan;
+  const at::Tensor xs = x2.index_select(0, ao.order);
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor ys = at::empty({p.M, s.N}, x.options());
+  at::Tensor ws;
+  if (plan.splits > 1) ws = at::empty({plan.splits * p.M * p.N}, x.options().dtype(at::kFloat));
+  cuda::Segments seg;
+  seg.offsets = ao.offsets.const_data_ptr<int64_t>();
+  seg.count = adapters;
+  seg.lut_stride = s.N * s.G * s.E;
+  C10_CUDA_CHECK(cuda::lut_linear_mma(p, xs.const_data_ptr(), act, codes.const_data_ptr<uint8_t>(),
+                                      lut.const_data_ptr(), lut_type, bc.defined() ? bc.const_data_ptr() : nullptr,
+                                      ys.mutable_data_ptr(), plan.block_m, plan.splits,
+                                      ws.defined() ? ws.mutable_data_ptr<float>() : nullptr, cuda::LowRank{}, seg,
+                                      at::cuda::getCurrentCUDAStream()));
+  at::Tensor y = at::empty_like(ys);
+  y.index_copy_(0, ao.order, ys);
+  return y.reshape(sizes_with_last(x.sizes(), s.N));
+}
 
 }  // namespace
 
@@ -230,10 +338,11 @@ std::string last_cuda_plan() {
 }
 
 TORCH_LIBRARY_IMPL(spallm, CUDA, m) {
-  m.impl("lut_linear", &cuda_lut_linear);
+  m.impl("lut_linear", &cuda_lut_linear_entry);
   m.impl("lut_linear_dx", &cuda_lut_linear_dx);
   m.impl("lut_grad", &cuda_lut_grad);
   m.impl("lut_decode", &lut_decode_cuda);
+  m.impl("lut_linear_lowrank", &lut_linear_lowrank_cuda);
 }
 
 }  // namespace spallm
