@@ -27,9 +27,14 @@ for s in "${steps[@]}"; do
     test)
       python3 -m pytest -q -n 8 tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15 ;;
     sanitize)
-      compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -x tests -k "cuda and not slow" \
+      # memcheck: the simple kernels' tests and a bf16 slice of every fast path; racecheck (slow,
+      # shared-memory hazards) on the fast kernels' edge cases: tiles past N and M, split-K, the
+      # bucket pass of lut_grad, multi-adapter segments.
+      compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -x tests/test_cuda.py \
+        tests/test_cuda_kernels.py -k "not kernels or float32-bfloat16-4 or adversarial or split or tiles or launch or falls or decode" \
         -p no:cacheprovider > "$OUT/sanitizer_memcheck.log" 2>&1; echo "memcheck rc=$?"; tail -4 "$OUT/sanitizer_memcheck.log"
-      compute-sanitizer --tool racecheck --error-exitcode 1 python3 -m pytest -q -x tests -k "cuda and not slow and (grad or linear)" \
+      compute-sanitizer --tool racecheck --error-exitcode 1 python3 -m pytest -q -x tests/test_cuda_kernels.py \
+        -k "adversarial or split or tiles or (single_launch and 64-16) or (grad_mma_matches and bfloat16 and 33-200)" \
         -p no:cacheprovider > "$OUT/sanitizer_racecheck.log" 2>&1; echo "racecheck rc=$?"; tail -4 "$OUT/sanitizer_racecheck.log" ;;
     bench)
       SPALLM_COMMIT=${SPALLM_COMMIT:-} python3 bench/bench_forward.py --out "$OUT/forward.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_forward.log" | tail -40 ;;
