@@ -34,7 +34,7 @@ for s in "${steps[@]}"; do
         tests/test_cuda_kernels.py -k "not kernels or float32-bfloat16-4 or adversarial or split or tiles or launch or falls or decode" \
         -p no:cacheprovider > "$OUT/sanitizer_memcheck.log" 2>&1; echo "memcheck rc=$?"; tail -4 "$OUT/sanitizer_memcheck.log"
       compute-sanitizer --tool racecheck --error-exitcode 1 python3 -m pytest -q -x tests/test_cuda_kernels.py \
-        -k "adversarial or split or tiles or (single_launch and 64-16) or (grad_mma_matches and bfloat16 and 33-200)" \
+        -k "adversarial or split or tiles or (single_launch and 64-16) or (grad_mma_matches and bfloat16 and 33-200) or (dx_mma_matches and float32-bfloat16-4)" \
         -p no:cacheprovider > "$OUT/sanitizer_racecheck.log" 2>&1; echo "racecheck rc=$?"; tail -4 "$OUT/sanitizer_racecheck.log" ;;
     bench)
       SPALLM_COMMIT=${SPALLM_COMMIT:-} python3 bench/bench_forward.py --out "$OUT/forward.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_forward.log" | tail -40 ;;

@@ -118,6 +118,9 @@ def test_auto_dispatch_choices():
     assert kernels.last_cuda_plan().startswith("simple")
     spallm_ext.lut_linear(randn(64, 1024, device="cuda"), codes, lut)
     assert kernels.last_cuda_plan().startswith("decode_gemm")
+    for m, expect in [(1, "mma"), (200, "mma"), (4096, "decode_gemm")]:
+        spallm_ext.lut_linear_dx(randn(m, 512, dtype=torch.bfloat16, device="cuda"), codes, lut)
+        assert kernels.last_cuda_plan().startswith(expect), (m, kernels.last_cuda_plan())
 
 
 def test_mma_rejects_what_it_cannot_run_and_falls_back():
@@ -275,3 +278,31 @@ def test_multi_adapter_bad_index_still_errors_clearly():
         spallm_ext.lut_linear(x, codes, stack, None, torch.tensor([0, 1, 3, 0], device="cuda"))
     with pytest.raises(ValueError, match="adapter_index"):
         spallm_ext.lut_linear(x, codes, stack, None, torch.tensor([0, 1], device="cuda"))
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("act_dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("lut_dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
+@pytest.mark.parametrize("m,n,k,groups", [(1, 200, 1024, 4), (16, 64, 128, 2), (45, 1000, 256, 1),
+                                          (300, 136, 512, 8), (7, 8, 4096, 64)])
+def test_dx_mma_matches_reference(bits, act_dtype, lut_dtype, m, n, k, groups):
+    codes, lut = make_sketch(n, k, bits, groups, lut_dtype=lut_dtype, device="cuda", seed=bits + n)
+    dy = randn(m, n, dtype=act_dtype, device="cuda", seed=3)
+    with kernels.use_cuda_kernel("mma"):
+        dx = spallm_ext.lut_linear_dx(dy, codes, lut)
+        plan = kernels.last_cuda_plan()
+    assert plan.startswith("mma"), plan
+    assert_close_rel(dx, reference.lut_linear_dx(dy, codes, lut))
+    ref_w = reference.lut_linear_dx(dy.double(), codes, lut.to(act_dtype).double())
+    err = (dx.double() - ref_w).abs().max().item()
+    assert err <= 2.0 ** -7 * (ref_w.abs().max().item() + 1e-6), err
+
+
+def test_dx_mma_split_is_deterministic():
+    codes, lut = make_sketch(8192, 256, 4, 4, device="cuda", seed=5)
+    dy = randn(2, 8192, dtype=torch.bfloat16, device="cuda", seed=6)
+    a = spallm_ext.lut_linear_dx(dy, codes, lut)
+    plan = kernels.last_cuda_plan()
+    assert plan.startswith("mma") and int(plan.split("splits=")[1].split()[0]) > 1, plan
+    assert torch.equal(a, spallm_ext.lut_linear_dx(dy, codes, lut))
+    assert_close_rel(a, reference.lut_linear_dx(dy, codes, lut))

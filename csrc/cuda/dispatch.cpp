@@ -32,13 +32,11 @@ bool is16bit(DType t) { return t == DType::BF16 || t == DType::F16; }
 
 int block_m_for(int64_t M) { return M <= 16 ? 16 : M <= 32 ? 32 : M <= 64 ? 64 : 128; }
 
-// Small problems leave SMs idle: split K until about two blocks per SM are in flight, keeping at
-// least two K-steps per split so each block still pipelines its loads.
-int splits_for(const LutProblem& p, int block_m, const DeviceInfo& d) {
-  const int64_t tiles = ceil_div(p.N, kTileN) * ceil_div(p.M, block_m);
+// Small problems leave SMs idle: split the reduction until about two blocks per SM are in flight,
+// keeping at least two steps per split so each block still pipelines its loads.
+int splits_for(int64_t tiles, int64_t steps, const DeviceInfo& d) {
   const int64_t target = 2 * static_cast<int64_t>(d.sm_count);
   if (tiles >= target) return 1;
-  const int64_t steps = p.K / kTileK;
   int64_t s = ceil_div(target, tiles);
   if (s > steps / 2) s = steps / 2;
   if (s > kMaxSplits) s = kMaxSplits;
@@ -49,7 +47,17 @@ Plan mma_plan(const LutProblem& p, const DeviceInfo& d, const char* why) {
   Plan plan;
   plan.path = Path::Mma;
   plan.block_m = block_m_for(p.M);
-  plan.splits = splits_for(p, plan.block_m, d);
+  plan.splits = splits_for(ceil_div(p.N, kTileN) * ceil_div(p.M, plan.block_m), p.K / kTileK, d);
+  plan.why = why;
+  return plan;
+}
+
+// dx tiles: 128 columns of W x block_m tokens, the split runs over W's rows in steps of 64.
+Plan dx_mma_plan(const LutProblem& p, const DeviceInfo& d, const char* why) {
+  Plan plan;
+  plan.path = Path::Mma;
+  plan.block_m = block_m_for(p.M);
+  plan.splits = splits_for(p.K / kTileN * ceil_div(p.M, plan.block_m), ceil_div(p.N, kTileK), d);
   plan.why = why;
   return plan;
 }
@@ -117,6 +125,20 @@ bool fast_decode_supports(const LutProblem& p, uintptr_t codes_ptr, uintptr_t ou
   return no == nullptr;
 }
 
+bool dx_mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why) {
+  const char* no = nullptr;
+  if (d.major < 8) no = "dx mma needs sm_80 or newer";
+  else if (!is16bit(c.act)) no = "dx mma needs bf16 or fp16 activations";
+  else if (p.M < 1 || p.N < 1 || p.N % 8 != 0) no = "dx mma needs M >= 1 and out_features % 8 == 0";
+  else if (p.K % kTileN != 0) no = "dx mma needs in_features % 128 == 0";
+  else if ((p.K / p.G) % kTileK != 0) no = "dx mma needs a group size % 64 == 0";
+  else if (c.act_ptr % 16 != 0) no = "dx mma needs a 16-byte aligned dy";
+  else if (c.codes_ptr % 4 != 0 || p.row_bytes % 4 != 0) no = "dx mma needs 4-byte aligned code rows";
+  else if (ceil_div(p.M, block_m_for(p.M)) > 65535) no = "dx mma grid: too many token tiles";
+  if (why != nullptr && no != nullptr) *why = no;
+  return no == nullptr;
+}
+
 bool grad_mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why) {
   const char* no = nullptr;
   if (d.major < 8) no = "grad mma needs sm_80 or newer";
@@ -164,18 +186,24 @@ Plan plan_lut_linear(const LutProblem& p, const CallInfo& c, const DeviceInfo& d
 }
 
 Plan plan_lut_linear_dx(const LutProblem& p, const CallInfo& c, const DeviceInfo& d) {
-  (void)d;
+  const char* mma_no = "";
   const char* dec_no = "";
+  const bool mma_ok = dx_mma_supports(p, c, d, &mma_no);
   const bool dec_ok = fast_decode_supports(p, c.codes_ptr, 0, &dec_no);
   switch (forced_path()) {
     case Path::Simple: return simple_plan("forced: simple");
+    case Path::Mma:
+      if (mma_ok) return dx_mma_plan(p, d, "forced: mma");
+      break;
     case Path::DecodeGemm:
       if (dec_ok) return decode_plan("forced: decode_gemm");
       break;
-    default: break;  // no fused dx kernel yet: mma falls back to the automatic choice
+    case Path::Auto: break;
   }
-  if (p.M >= kDecodeMinTokens && dec_ok) return decode_plan("dx: decode once, cuBLAS GEMM");
-  return simple_plan(dec_ok ? "dx: few tokens" : dec_no);
+  if (p.M > kMmaMaxTokens && dec_ok) return decode_plan("dx, large M: decode once, cuBLAS GEMM");
+  if (mma_ok) return dx_mma_plan(p, d, "dx: fused LUT gather-GEMM on tensor cores");
+  if (p.M >= kDecodeMinTokens && dec_ok) return decode_plan(mma_no);
+  return simple_plan(dec_ok ? mma_no : dec_no);
 }
 
 }  // namespace spallm::cuda

@@ -49,6 +49,7 @@ struct Plan {
 bool mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why);
 bool fast_decode_supports(const LutProblem& p, uintptr_t codes_ptr, uintptr_t out_ptr, const char** why);
 
+bool dx_mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why);
 bool grad_mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why);
 
 Plan plan_lut_linear(const LutProblem& p, const CallInfo& c, const DeviceInfo& d);

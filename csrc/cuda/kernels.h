@@ -75,6 +75,13 @@ cudaError_t lut_linear_mma(const LutProblem& p, const void* x, DType act_type, c
                            int splits, float* workspace, const LowRank& lowrank, const Segments& segments,
                            cudaStream_t stream);
 
+// dx = dy W on tensor cores, W decoded tile by tile in shared memory (lut_dx_mma.cu). act_type BF16
+// or F16; block_m and splits as in lut_linear_mma (the split runs over W's rows; workspace holds
+// splits * M * K floats). Needs dx_mma_supports().
+cudaError_t lut_linear_dx_mma(const LutProblem& p, const void* dy, DType act_type, const uint8_t* codes,
+                              const void* lut, DType lut_type, void* dx, int block_m, int splits, float* workspace,
+                              cudaStream_t stream);
+
 // dlut[N, G, 2^bits] (fp32) on tensor cores, dW reduced into the buckets on chip (lut_grad_mma.cu).
 // act_type BF16 or F16. workspace == nullptr: one float atomicAdd per bucket per 64-column tile into
 // dlut, which the caller zero-fills first. Deterministic mode: workspace holds

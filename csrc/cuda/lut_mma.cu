@@ -33,33 +33,20 @@
 #include "cuda/dtype.cuh"
 #include "cuda/kernels.h"
 #include "cuda/launch.cuh"
+#include "cuda/lut_tile.cuh"
 #include "cuda/mma.cuh"
 
 namespace spallm::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 constexpr int kBlockN = 128;
 constexpr int kBlockK = 64;
 static_assert(kThreads == 2 * kBlockN, "decode: two threads (32 columns each) per row of the tile");
 
-// Tokens x rows of the block split over the 8 warps; each warp holds TN x TM mma tiles.
-template <int BM>
-struct Config {
-  static constexpr int kWarpsN = BM <= 32 ? 8 : 4;
-  static constexpr int kWarpsM = kWarps / kWarpsN;
-  static constexpr int kWarpRows = kBlockN / kWarpsN;  // W rows per warp
-  static constexpr int kWarpTokens = BM / kWarpsM;
-  static constexpr int TN = kWarpRows / 16;            // m16 tiles (rows of W)
-  static constexpr int TM = kWarpTokens / 8;           // n8 tiles (tokens)
-  static constexpr int kStages = BM <= 32 ? 4 : 3;
-  static_assert(TN >= 1 && TM >= 2 && TM % 2 == 0, "ldmatrix.x4 loads token tiles in pairs");
-};
-
 template <int BITS, int BM>
 struct Smem {
-  using C = Config<BM>;
+  using C = WarpTiling<BM, kBlockN>;
   static constexpr int kEntries = 1 << BITS;
   static constexpr int kCodeWords = kBlockK * BITS / 32;  // per row and K-step
   static constexpr int kCodeStride = kCodeWords + 1;       // odd: conflict-free row-per-lane reads
@@ -75,22 +62,12 @@ struct Smem {
   static constexpr int kBytes = kCodes + C::kStages * kCodeBytes;
 };
 
-// t[m, :] . l2[:, n] in fp32 (0 without a branch). Threads of a warp share m and take 8
-// consecutive n, so the l2 reads of one j are one 32-byte segment; t's row stays in L1.
-__device__ __forceinline__ float low_rank_term(const LowRank& lr, int64_t m, int64_t n, int64_t N) {
-  if (lr.t == nullptr) return 0.f;
-  const float* t = lr.t + m * lr.rank;
-  float s = 0.f;
-  for (int64_t j = 0; j < lr.rank; ++j) s += __ldg(t + j) * __ldg(lr.l2 + j * N + n);
-  return s;
-}
-
 template <int BITS, typename A, int BM>
 __global__ void __launch_bounds__(kThreads, 2)
 lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict__ codes,
                const void* __restrict__ lut, DType lut_type, const A* __restrict__ bias,
                A* __restrict__ y, float* __restrict__ workspace, int splits, LowRank lowrank, Segments seg) {
-  using C = Config<BM>;
+  using C = WarpTiling<BM, kBlockN>;
   using S = Smem<BITS, BM>;
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -152,20 +129,9 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
     uint32_t words[BITS];
 #pragma unroll
     for (int i = 0; i < BITS; ++i) words[i] = cw[i];
-    const float* t = table(tbuf) + row;
-    const SwizzledTile64 wt = w_tile(buf);
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      uint32_t packed[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int c = u * 8 + 2 * i;
-        const float lo = t[code_from<BITS>(RegisterBytes{words}, c) * kBlockN];
-        const float hi = t[code_from<BITS>(RegisterBytes{words}, c + 1) * kBlockN];
-        packed[i] = pack2<A>(lo, hi);
-      }
-      *reinterpret_cast<uint4*>(wt.unit(row, half * 4 + u)) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-    }
+    uint32_t packed[16];
+    decode32<BITS, A>(words, table(tbuf) + row, kBlockN, packed);
+    store32(w_tile(buf), row, half * 4, packed);
   };
 
   const int wn = warp % C::kWarpsN, wm = warp / C::kWarpsN;
@@ -180,15 +146,7 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
       for (int i = 0; i < C::TN; ++i) {
         ldmatrix_x4(a[i], wt.at(wn * C::kWarpRows + i * 16 + lane % 16, kk + (lane / 16) * 8));
       }
-#pragma unroll
-      for (int j = 0; j < C::TM; j += 2) {
-        uint32_t r[4];
-        ldmatrix_x4(r, xt.at(wm * C::kWarpTokens + j * 8 + (lane / 16) * 8 + lane % 8, kk + ((lane / 8) % 2) * 8));
-        b[j][0] = r[0];
-        b[j][1] = r[1];
-        b[j + 1][0] = r[2];
-        b[j + 1][1] = r[3];
-      }
+      load_token_fragments<C::TM>(xt, wm * C::kWarpTokens, kk, lane, b);
 #pragma unroll
       for (int i = 0; i < C::TN; ++i) {
 #pragma unroll
@@ -251,19 +209,6 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
         }
       }
     }
-  }
-}
-
-// y[m, n] = sum over splits, in split order, of the partials (+ bias[n] + the low-rank term).
-template <typename A>
-__global__ void __launch_bounds__(256)
-splitk_reduce_kernel(int64_t M, int64_t N, int splits, const float* __restrict__ workspace,
-                     const A* __restrict__ bias, A* __restrict__ y, LowRank lowrank) {
-  const int64_t total = M * N;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    float s = bias != nullptr ? to_float(bias[i % N]) : 0.f;
-    for (int k = 0; k < splits; ++k) s += workspace[k * total + i];
-    y[i] = from_float<A>(s + low_rank_term(lowrank, i / N, i % N, N));
   }
 }
 

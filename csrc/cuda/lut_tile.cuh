@@ -1,0 +1,96 @@
+// Pieces shared by the tensor-core LUT kernels (lut_mma.cu forward, lut_dx_mma.cu backward):
+// decoding a thread's 32 codes through a transposed LUT table, and the ldmatrix loads of an
+// activation operand whose rows are tokens.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "codes.h"
+#include "cuda/dtype.cuh"
+#include "cuda/kernels.h"
+#include "cuda/mma.cuh"
+
+namespace spallm::cuda {
+
+// 32 consecutive codes of one row, held as BITS 32-bit words (the packed row's bytes from the
+// thread's first column on), decoded through `table`: the row's LUT entries for the current group,
+// entry e at table[e * stride] (a transposed [entry][row] table, so the lanes of a warp, which own
+// consecutive rows, read 32 different banks whatever their codes). Result: 16 registers of T pairs,
+// column 2i in the low half of register i.
+template <int BITS, typename T>
+__device__ __forceinline__ void decode32(const uint32_t (&words)[BITS], const float* table, int stride,
+                                         uint32_t (&packed)[16]) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const float lo = table[code_from<BITS>(RegisterBytes{words}, 2 * i) * stride];
+    const float hi = table[code_from<BITS>(RegisterBytes{words}, 2 * i + 1) * stride];
+    packed[i] = pack2<T>(lo, hi);
+  }
+}
+
+// The four 16-byte units (32 columns starting at unit u0) of `row` in a swizzled tile.
+template <int UNITS>
+__device__ __forceinline__ void store32(const SwizzledTile<UNITS>& tile, int row, int u0, const uint32_t (&packed)[16]) {
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    *reinterpret_cast<uint4*>(tile.unit(row, u0 + u)) =
+        make_uint4(packed[4 * u], packed[4 * u + 1], packed[4 * u + 2], packed[4 * u + 3]);
+  }
+}
+
+// B fragments (n8 x k16) of TM token tiles from a tile stored [token][k] (rows = tokens), for the
+// k16 slice starting at column kk: one ldmatrix.x4 per pair of token tiles.
+template <int TM, int UNITS>
+__device__ __forceinline__ void load_token_fragments(const SwizzledTile<UNITS>& tile, int token0, int kk, int lane,
+                                                     uint32_t (&b)[TM][2]) {
+  static_assert(TM % 2 == 0, "token tiles are loaded in pairs");
+#pragma unroll
+  for (int j = 0; j < TM; j += 2) {
+    uint32_t r[4];
+    ldmatrix_x4(r, tile.at(token0 + j * 8 + (lane / 16) * 8 + lane % 8, kk + ((lane / 8) % 2) * 8));
+    b[j][0] = r[0];
+    b[j][1] = r[1];
+    b[j + 1][0] = r[2];
+    b[j + 1][1] = r[3];
+  }
+}
+
+// A block tile of ROWS (the MMA's M side: rows of W, or columns for dx) x BM tokens split over
+// 8 warps; each warp holds TN x TM mma tiles. Small token tiles put all warps along ROWS.
+template <int BM, int ROWS>
+struct WarpTiling {
+  static constexpr int kWarpsN = BM <= 32 ? 8 : 4;
+  static constexpr int kWarpsM = 8 / kWarpsN;
+  static constexpr int kWarpRows = ROWS / kWarpsN;  // W rows per warp
+  static constexpr int kWarpTokens = BM / kWarpsM;
+  static constexpr int TN = kWarpRows / 16;            // m16 tiles (rows of W)
+  static constexpr int TM = kWarpTokens / 8;           // n8 tiles (tokens)
+  static constexpr int kStages = BM <= 32 ? 4 : 3;
+  static_assert(TN >= 1 && TM >= 2 && TM % 2 == 0, "ldmatrix.x4 loads token tiles in pairs");
+};
+
+// t[m, :] . l2[:, n] in fp32 (0 without a branch). Threads of a warp share m and take 8
+// consecutive n, so the l2 reads of one j are one 32-byte segment; t's row stays in L1.
+__device__ __forceinline__ float low_rank_term(const LowRank& lr, int64_t m, int64_t n, int64_t N) {
+  if (lr.t == nullptr) return 0.f;
+  const float* t = lr.t + m * lr.rank;
+  float s = 0.f;
+  for (int64_t j = 0; j < lr.rank; ++j) s += __ldg(t + j) * __ldg(lr.l2 + j * N + n);
+  return s;
+}
+
+// y[m, n] = sum over splits, in split order, of the partials (+ bias[n] + the low-rank term).
+template <typename A>
+__global__ void __launch_bounds__(256)
+splitk_reduce_kernel(int64_t M, int64_t N, int splits, const float* __restrict__ workspace,
+                     const A* __restrict__ bias, A* __restrict__ y, LowRank lowrank) {
+  const int64_t total = M * N;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    float s = bias != nullptr ? to_float(bias[i % N]) : 0.f;
+    for (int k = 0; k < splits; ++k) s += workspace[k * total + i];
+    y[i] = from_float<A>(s + low_rank_term(lowrank, i / N, i % N, N));
+  }
+}
+
+}  // namespace spallm::cuda
