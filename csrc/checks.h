@@ -4,6 +4,7 @@
 //   SPALLM_CHECK_VALUE -> ValueError   (wrong shape, size, range, layout)
 //   SPALLM_CHECK       -> RuntimeError (wrong device, CUDA errors)
 #pragma once
+#include <ATen/Functions.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
@@ -100,6 +101,13 @@ inline std::vector<int64_t> sizes_with_last(at::IntArrayRef sizes, int64_t last)
   std::vector<int64_t> v(sizes.begin(), sizes.end());
   v.back() = last;
   return v;
+}
+
+// A fresh contiguous [tokens, last] result given the leading dims of `like`. _unsafe_view shares
+// the storage without marking the output as a view of a temporary, so callers (FSDP2, in-place
+// ops, torch.compile) see a plain tensor, as from nn.Linear.
+inline at::Tensor with_token_dims(const at::Tensor& out2d, at::IntArrayRef like, int64_t last) {
+  return at::_unsafe_view(out2d, sizes_with_last(like, last));
 }
 
 }  // namespace spallm

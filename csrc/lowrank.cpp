@@ -79,7 +79,7 @@ at::Tensor lut_linear_lowrank_composite(const at::Tensor& x, const at::Tensor& c
   at::Tensor y = call_lut_linear(xa, codes, lut, ba);  // [M, N], acc
   const at::Tensor t = at::mm(xa, l1.to(acc));         // [M, rank]: matmul takes any strides
   y.addmm_(t, l2.to(acc));
-  return y.to(x.scalar_type()).reshape(sizes_with_last(x.sizes(), s.N));
+  return with_token_dims(y.to(x.scalar_type()), x.sizes(), s.N);
 }
 
 TORCH_LIBRARY_IMPL(spallm, CPU, m) {

@@ -82,7 +82,7 @@ at::Tensor lut_linear_adapters(LinearFn one, const at::Tensor& x, const at::Tens
     if (!y.defined()) y = at::empty({x2.size(0), ya.size(1)}, ya.options());
     y.index_copy_(0, rows, ya);
   }
-  return y.reshape(sizes_with_last(x.sizes(), y.size(1)));
+  return with_token_dims(y, x.sizes(), y.size(1));
 }
 
 at::Tensor lut_linear_dx_adapters(LinearDxFn one, const at::Tensor& dy, const at::Tensor& codes,
@@ -99,7 +99,7 @@ at::Tensor lut_linear_dx_adapters(LinearDxFn one, const at::Tensor& dy, const at
     if (!dx.defined()) dx = at::empty({dy2.size(0), da.size(1)}, da.options());
     dx.index_copy_(0, rows, da);
   }
-  return dx.reshape(sizes_with_last(dy.sizes(), dx.size(1)));
+  return with_token_dims(dx, dy.sizes(), dx.size(1));
 }
 
 at::Tensor lut_grad_adapters(LutGradFn one, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& codes,

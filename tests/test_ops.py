@@ -181,3 +181,21 @@ def test_zero_out_features(device):
     dx = spallm_ext.lut_linear_dx(torch.randn(3, 0, device=device), codes, lut)
     assert dx.shape == (3, 16) and not dx.any()
     assert spallm_ext.lut_grad(torch.randn(3, 0, device=device), x, codes, 2, 16).shape == (0, 2, 16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead", [(3,), (2, 3)], ids=["2d", "3d"])
+def test_outputs_are_fresh_tensors_not_views(device, lead):
+    # FSDP2 and in-place users expect what nn.Linear returns: a tensor that is nobody's view.
+    codes, lut = make_sketch(8, 32, 4, 2, device=device)
+    x = randn(*lead, 32, device=device)
+    dy = randn(*lead, 8, device=device)
+    stack = torch.stack([lut, lut + 1])
+    index = torch.zeros(x.shape[:-1].numel(), dtype=torch.long, device=device)
+    outs = [spallm_ext.lut_linear(x, codes, lut), spallm_ext.lut_linear_dx(dy, codes, lut),
+            spallm_ext.lut_linear(x, codes, stack, None, index),
+            spallm_ext.lut_linear_dx(dy, codes, stack, index),
+            spallm_ext.lut_linear_lowrank(x, codes, lut, randn(32, 4, device=device), randn(4, 8, device=device))]
+    for out in outs:
+        assert out.shape[:-1] == x.shape[:-1]
+        assert not out._is_view()

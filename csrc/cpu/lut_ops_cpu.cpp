@@ -84,7 +84,7 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
     }
     if (bias.has_value()) y.add_(bias->to(acc));
   }
-  return y.to(x.scalar_type()).reshape(sizes_with_last(x.sizes(), s.N));
+  return with_token_dims(y.to(x.scalar_type()), x.sizes(), s.N);
 }
 
 at::Tensor lut_linear_dx_cpu(const at::Tensor& dy, const at::Tensor& codes, const at::Tensor& lut) {
@@ -103,7 +103,7 @@ at::Tensor lut_linear_dx_cpu(const at::Tensor& dy, const at::Tensor& codes, cons
       dx.addmm_(dya.narrow(1, r0, rows), decode_tile(s, codes, lut, r0, rows, acc));
     }
   }
-  return dx.to(dy.scalar_type()).reshape(sizes_with_last(dy.sizes(), s.K));
+  return with_token_dims(dx.to(dy.scalar_type()), dy.sizes(), s.K);
 }
 
 template <int BITS, typename acc_t>

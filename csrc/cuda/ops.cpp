@@ -111,7 +111,7 @@ at::Tensor lut_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const a
                                       lut.const_data_ptr(), lut_type, bias_ptr, y.mutable_data_ptr(), stream));
     }
   }
-  return y.reshape(sizes_with_last(x.sizes(), s.N));
+  return with_token_dims(y, x.sizes(), s.N);
 }
 
 at::Tensor lut_linear_dx_cuda(const at::Tensor& dy, const at::Tensor& codes, const at::Tensor& lut) {
@@ -137,12 +137,20 @@ at::Tensor lut_linear_dx_cuda(const at::Tensor& dy, const at::Tensor& codes, con
     C10_CUDA_CHECK(cuda::lut_decode_fast(p, codes.const_data_ptr<uint8_t>(), lut.const_data_ptr(), lut_type,
                                          w.mutable_data_ptr(), act, stream));
     dx = at::mm(dyc, w);
+  } else if (plan.path == cuda::Path::Mma) {
+    dx = at::empty({dyc.size(0), s.K}, dy.options());
+    at::Tensor ws;
+    if (plan.splits > 1) ws = at::empty({plan.splits * p.M * p.K}, dy.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(cuda::lut_linear_dx_mma(p, dyc.const_data_ptr(), act, codes.const_data_ptr<uint8_t>(),
+                                           lut.const_data_ptr(), lut_type, dx.mutable_data_ptr(), plan.block_m,
+                                           plan.splits, ws.defined() ? ws.mutable_data_ptr<float>() : nullptr,
+                                           stream));
   } else {
     dx = at::empty({dyc.size(0), s.K}, dy.options());
     C10_CUDA_CHECK(cuda::lut_linear_dx(p, dyc.const_data_ptr(), act, codes.const_data_ptr<uint8_t>(),
                                        lut.const_data_ptr(), lut_type, dx.mutable_data_ptr(), stream));
   }
-  return dx.reshape(sizes_with_last(dy.sizes(), s.K));
+  return with_token_dims(dx, dy.sizes(), s.K);
 }
 
 at::Tensor lut_grad_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& codes,
@@ -261,7 +269,7 @@ at::Tensor lut_linear_lowrank_cuda(const at::Tensor& x, const at::Tensor& codes,
     y = bc.defined() ? at::addmm(bc, xc, w.t()) : at::mm(xc, w.t());
     y.addmm_(at::mm(xc, l1.to(x.scalar_type())), l2.to(x.scalar_type()));
   }
-  return y.reshape(sizes_with_last(x.sizes(), s.N));
+  return with_token_dims(y, x.sizes(), s.N);
 }
 
 SPALLM_DEFINE_ADAPTER_ENTRY_POINTS(cuda, lut_linear_cuda, lut_linear_dx_cuda, lut_grad_cuda)
@@ -313,7 +321,7 @@ at::Tensor cuda_lut_linear_entry(const at::Tensor& x, const at::Tensor& codes, c
                                       at::cuda::getCurrentCUDAStream()));
   at::Tensor y = at::empty_like(ys);
   y.index_copy_(0, ao.order, ys);
-  return y.reshape(sizes_with_last(x.sizes(), s.N));
+  return with_token_dims(y, x.sizes(), s.N);
 }
 
 }  // namespace
