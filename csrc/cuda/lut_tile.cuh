@@ -80,6 +80,10 @@ __device__ __forceinline__ float low_rank_term(const LowRank& lr, int64_t m, int
   return s;
 }
 
+// A kernel defined in a header: an anonymous namespace gives each .cu file its own instantiation,
+// so no two translation units register one host stub for their separate device modules.
+namespace {
+
 // y[m, n] = sum over splits, in split order, of the partials (+ bias[n] + the low-rank term).
 template <typename A>
 __global__ void __launch_bounds__(256)
@@ -92,5 +96,7 @@ splitk_reduce_kernel(int64_t M, int64_t N, int splits, const float* __restrict__
     y[i] = from_float<A>(s + low_rank_term(lowrank, i / N, i % N, N));
   }
 }
+
+}  // namespace
 
 }  // namespace spallm::cuda
