@@ -66,8 +66,7 @@ def _decoder(model: nn.Module) -> nn.Module:
 def answer_loss(model: nn.Module, batch: dict, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy over the answer tokens of a right-padded batch (labels -100 elsewhere)."""
     dev = model.lm_head.weight.device
-    h = _decoder(model)(input_ids=batch["input_ids"].to(dev),
-                        attention_mask=batch["attention_mask"].to(dev), use_cache=False).last_hidden_state
+    h = _hidden(model, batch)
     labels = batch["labels"][:, 1:].to(dev)
     sel = labels != -100
     logits = model.lm_head(h[:, :-1][sel]).float()
@@ -159,50 +158,57 @@ def train(model: nn.Module, params: list[nn.Parameter], batches, steps: int, lr:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, tok, task: Task, *, batch_size: int = 16, max_new_tokens: int = 10,
+def evaluate(model: nn.Module, tok, task: Task, *, batch_size: int = 16, max_new_tokens: int = 8,
              pad_id: int = 0, limit: int | None = None) -> dict:
     """Held-out answer loss (mean CE per answer token, teacher-forced) and accuracy: for "choice"
-    tasks the choice whose first answer token has the highest logit after the prompt; for
-    "number" tasks greedy generation, first number in the output == the answer."""
+    tasks the choice whose first answer token has the highest logit after the prompt (read off
+    the same forward as the loss); for "number" tasks greedy generation, first number in the
+    output == the answer. Examples are batched in order of length (less padding)."""
     model.eval()
     exs = task.test[:limit] if limit else task.test
+    order = sorted(range(len(exs)), key=lambda i: sum(map(len, encode(tok, task, exs[i]))))
+    exs = [exs[i] for i in order]
     pairs = [encode(tok, task, e) for e in exs]
-    nll, ntok = 0.0, 0
-    for i in range(0, len(pairs), batch_size):
-        b = collate(pairs[i:i + batch_size], pad_id)
-        nll += float(answer_loss(model, b, reduction="sum"))
-        ntok += int((b["labels"] != -100).sum())
-    out = {"heldout_loss": nll / max(1, ntok), "heldout_examples": len(exs)}
+    first = _choice_first_tokens(tok, task, exs[0]) if task.kind == "choice" else None
+    dev = model.lm_head.weight.device
+    nll, ntok, picks = 0.0, 0, []
     t = time.perf_counter()
-    if task.kind == "choice":
-        out.update(_choice_accuracy(model, tok, task, exs, pairs, batch_size, pad_id))
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        b = collate(chunk, pad_id)
+        h = _hidden(model, b)
+        labels = b["labels"][:, 1:].to(dev)
+        sel = labels != -100
+        nll += float(F.cross_entropy(model.lm_head(h[:, :-1][sel]).float(), labels[sel], reduction="sum"))
+        ntok += int(sel.sum())
+        if first is not None:    # the position that predicts the first answer token
+            last = torch.tensor([len(p) - 1 for p, _ in chunk], device=dev)
+            picks += model.lm_head(h[torch.arange(len(chunk), device=dev), last])[:, first].argmax(-1).tolist()
+    out = {"heldout_loss": nll / max(1, ntok), "heldout_examples": len(exs)}
+    if first is not None:
+        truth = [sum(e.answer == c for e in exs) for c in task.choices]
+        out.update(accuracy=sum(task.choices[k] == e.answer for k, e in zip(picks, exs)) / len(exs),
+                   predicted_share={c: picks.count(k) / len(exs) for k, c in enumerate(task.choices)},
+                   majority_baseline=max(truth) / len(exs))
     else:
         out.update(_generate_exact_match(model, tok, exs, pairs, batch_size, max_new_tokens, pad_id))
-    out["accuracy_eval_s"] = time.perf_counter() - t
+    out["eval_forward_s"] = time.perf_counter() - t
     return out
 
 
-def _choice_accuracy(model, tok, task, exs, pairs, batch_size, pad_id) -> dict:
+def _hidden(model: nn.Module, batch: dict) -> torch.Tensor:
+    dev = model.lm_head.weight.device
+    return _decoder(model)(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                           use_cache=False).last_hidden_state
+
+
+def _choice_first_tokens(tok, task: Task, ex) -> list[int]:
+    """First token of each choice, as the answer is tokenized after the prompt."""
     from ft_tasks import Example
-    # first token of each choice, as the answer would be tokenized after the prompt
-    first = [encode(tok, task, Example(exs[0].question, c))[1][0] for c in task.choices]
+    first = [encode(tok, task, Example(ex.question, c))[1][0] for c in task.choices]
     if len(set(first)) != len(first):
         raise ValueError(f"choices {task.choices} share their first token; cannot score them by it")
-    dev = model.lm_head.weight.device
-    correct, picked = 0, [0] * len(first)
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        b = collate([(p, []) for p, _ in chunk], pad_id)
-        h = _decoder(model)(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
-                            use_cache=False).last_hidden_state
-        last = torch.tensor([len(p) - 1 for p, _ in chunk], device=dev)
-        logits = model.lm_head(h[torch.arange(len(chunk), device=dev), last])[:, first]
-        for row, ex in zip(logits.argmax(-1).tolist(), exs[i:i + batch_size]):
-            picked[row] += 1
-            correct += task.choices[row] == ex.answer
-    truth = [sum(e.answer == c for e in exs) for c in task.choices]
-    return {"accuracy": correct / len(exs), "predicted_share": dict(zip(task.choices, [p / len(exs) for p in picked])),
-            "majority_baseline": max(truth) / len(exs)}
+    return first
 
 
 def _generate_exact_match(model, tok, exs, pairs, batch_size, max_new_tokens, pad_id) -> dict:
