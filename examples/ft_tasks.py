@@ -129,8 +129,14 @@ def _ids(tok, text: str) -> list[int]:
     return tokenize(tok, text).tolist()    # HF tokenizers and spallm_ext's ByteTokenizer alike
 
 
+_CHAT: dict[int, bool] = {}
+
+
 def _is_chat(tok) -> bool:
-    return "<|im_start|>" in getattr(tok, "get_vocab", lambda: {})()
+    # get_vocab() builds a 49k-entry dict on every call (~0.1 s): ask once per tokenizer
+    if id(tok) not in _CHAT:
+        _CHAT[id(tok)] = "<|im_start|>" in getattr(tok, "get_vocab", lambda: {})()
+    return _CHAT[id(tok)]
 
 
 def end_id(tok) -> int | None:
