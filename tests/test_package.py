@@ -33,3 +33,11 @@ def test_import_without_native_library_says_how_to_build(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: spallm_ext's native library is not built")
     assert "pip install --no-build-isolation -e ." in last
+
+
+def test_demo_runs_on_the_synthetic_mlp(capsys):
+    from spallm_ext import demo
+
+    assert demo.main(["--model", "mlp", "--dim", "64", "--tokens", "32", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "gate_proj" in out and "bits/weight" in out
