@@ -100,3 +100,29 @@ def test_plain_sketch_hash_unchanged_by_this_feature():
     h.update(b"|4x16|4|1|")
     h.update(mod.codes.numpy().tobytes())
     assert codes_hash({"": mod}) == h.hexdigest()
+
+
+def test_stacking_adapter_files_keeps_the_models_low_rank_branch(tmp_path):
+    # load_adapter also writes l1/l2; stacking from files must leave the live branch untouched.
+    import torch
+    from torch import nn
+
+    import spallm_ext
+    from spallm_ext import LowRankSketchedLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(LowRankSketchedLinear.from_linear(nn.Linear(32, 16), 4, bits=4, groups_per_row=1))
+    layer = model[0]
+    l1, l2 = layer.l1.detach().clone(), layer.l2.detach().clone()
+    with torch.no_grad():
+        layer.lut.add_(0.5)
+        layer.l1.add_(1.0)
+        layer.l2.add_(1.0)
+    spallm_ext.save_adapter(model, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        layer.lut.sub_(0.5)
+        layer.l1.copy_(l1)
+        layer.l2.copy_(l2)
+    spallm_ext.stack_adapters(model, {"a": str(tmp_path / "a.safetensors")})
+    assert torch.equal(layer.l1, l1) and torch.equal(layer.l2, l2)
+    assert torch.allclose(layer.lut_stack[1], layer.lut_stack[0] + 0.5)

@@ -50,17 +50,23 @@ def _modules(model: nn.Module) -> dict[str, SketchedLinear]:
     return mods
 
 
+# Every tensor load_adapter may write into a layer: the LUT, and a low-rank branch's factors.
+_ADAPTER_TENSORS = ("lut", "l1", "l2")
+
+
 @contextlib.contextmanager
 def _luts_saved(mods: dict[str, SketchedLinear]) -> Iterator[None]:
-    """Lets load_adapter / save_adapter (which work on ``lut``) be reused for stack rows: the
-    current LUTs are put back afterwards, also when they raise."""
-    saved = {n: m.lut.detach().clone() for n, m in mods.items()}
+    """Lets load_adapter / save_adapter be reused for stack rows: everything an adapter file can
+    set (LUTs, low-rank factors) is put back afterwards, also when they raise. Stacks switch LUTs
+    only; a low-rank branch stays the model's own."""
+    saved = {(n, a): getattr(m, a).detach().clone() for n, m in mods.items() for a in _ADAPTER_TENSORS
+             if isinstance(getattr(m, a, None), Tensor)}
     try:
         yield
     finally:
         with torch.no_grad():
-            for n, m in mods.items():
-                m.lut.copy_(saved[n])
+            for (n, a), t in saved.items():
+                getattr(mods[n], a).copy_(t)
 
 
 def _luts_from(model: nn.Module, mods: dict[str, SketchedLinear], name: str,
