@@ -7,6 +7,7 @@
 #include <ATen/Functions.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
@@ -102,6 +103,13 @@ inline std::vector<int64_t> sizes_with_last(at::IntArrayRef sizes, int64_t last)
   v.back() = last;
   return v;
 }
+
+// Inside an op's kernel the op's dtypes are its contract (fp32 accumulation, one rounding):
+// torch.autocast must not recast the ATen GEMMs a kernel runs. `const NoAutocast no_autocast;`
+// at the top of a kernel function.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // A fresh contiguous [tokens, last] result given the leading dims of `like`. _unsafe_view shares
 // the storage without marking the output as a view of a temporary, so callers (FSDP2, in-place

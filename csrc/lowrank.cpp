@@ -68,7 +68,7 @@ at::Tensor lut_linear_lowrank_composite(const at::Tensor& x, const at::Tensor& c
   const LutShape s = check_lut_linear_lowrank("spallm.lut_linear_lowrank", x, codes, lut, l1, l2, bias);
   // The op's dtypes are its contract: under torch.autocast the GEMMs below (and the CPU
   // lut_linear's) would otherwise run in the autocast dtype and drop the fp32 accumulation.
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const NoAutocast no_autocast;
   // Everything in the accumulation dtype and one rounding at the end, as the fused kernel does
   // (its accumulators hold both branches). On CPU lut_linear converts x to fp32 anyway, so
   // passing it converted costs nothing there.

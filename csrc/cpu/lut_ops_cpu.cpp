@@ -66,6 +66,7 @@ at::Tensor decode_tile(const LutShape& s, const at::Tensor& codes, const at::Ten
 
 at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut,
                           const std::optional<at::Tensor>& bias) {
+  const NoAutocast no_autocast;
   constexpr const char* op = "spallm.lut_linear";
   const LutShape s = check_codes_lut(op, codes, lut);
   check_activation(op, "x", x, s.K, /*allow_double=*/true);
@@ -88,6 +89,7 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
 }
 
 at::Tensor lut_linear_dx_cpu(const at::Tensor& dy, const at::Tensor& codes, const at::Tensor& lut) {
+  const NoAutocast no_autocast;
   constexpr const char* op = "spallm.lut_linear_dx";
   const LutShape s = check_codes_lut(op, codes, lut);
   check_activation(op, "dy", dy, s.N, /*allow_double=*/true);
@@ -126,6 +128,7 @@ void reduce_into_buckets(const LutShape& s, const uint8_t* codes, const acc_t* d
 // Always deterministic (fixed-order bucket sums), so `deterministic` changes nothing here.
 at::Tensor lut_grad_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& codes,
                         int64_t groups_per_row, int64_t num_entries, bool /*deterministic*/) {
+  const NoAutocast no_autocast;
   constexpr const char* op = "spallm.lut_grad";
   const LutShape s = check_codes_groups(op, codes, groups_per_row, num_entries);
   check_activation(op, "dy", dy, s.N, /*allow_double=*/true);

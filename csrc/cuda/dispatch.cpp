@@ -163,16 +163,17 @@ Plan plan_lut_grad(const LutProblem& p, const CallInfo& c, const DeviceInfo& d) 
   return plan;
 }
 
-Plan plan_lut_linear(const LutProblem& p, const CallInfo& c, const DeviceInfo& d) {
-  const char* mma_no = "";
-  const char* dec_no = "";
-  const bool mma_ok = mma_supports(p, c, d, &mma_no);
-  // decode_gemm's workspace is allocated fresh (aligned); only the codes pointer matters.
-  const bool dec_ok = fast_decode_supports(p, c.codes_ptr, 0, &dec_no);
+namespace {
+
+// The rules shared by lut_linear and lut_linear_dx (the GEMMs over W or W^T): a forced path where
+// it supports the call, else mma up to kMmaMaxTokens, decode_gemm beyond it or where mma cannot run
+// once M is large enough, the simple kernels otherwise. mma_plan_fn gives the mma tiling.
+Plan plan_gemm(const LutProblem& p, const DeviceInfo& d, bool mma_ok, const char* mma_no, bool dec_ok,
+               const char* dec_no, Plan (*mma_plan_fn)(const LutProblem&, const DeviceInfo&, const char*)) {
   switch (forced_path()) {
     case Path::Simple: return simple_plan("forced: simple");
     case Path::Mma:
-      if (mma_ok) return mma_plan(p, d, "forced: mma");
+      if (mma_ok) return mma_plan_fn(p, d, "forced: mma");
       break;
     case Path::DecodeGemm:
       if (dec_ok) return decode_plan("forced: decode_gemm");
@@ -180,9 +181,20 @@ Plan plan_lut_linear(const LutProblem& p, const CallInfo& c, const DeviceInfo& d
     case Path::Auto: break;
   }
   if (p.M > kMmaMaxTokens && dec_ok) return decode_plan("large M: decode once, cuBLAS GEMM");
-  if (mma_ok) return mma_plan(p, d, "fused LUT gather-GEMM on tensor cores");
+  if (mma_ok) return mma_plan_fn(p, d, "fused LUT gather-GEMM on tensor cores");
   if (p.M >= kDecodeMinTokens && dec_ok) return decode_plan(mma_no);
   return simple_plan(dec_ok ? mma_no : dec_no);
+}
+
+}  // namespace
+
+// decode_gemm's workspace is allocated fresh (aligned), so only the codes pointer matters to it.
+Plan plan_lut_linear(const LutProblem& p, const CallInfo& c, const DeviceInfo& d) {
+  const char* mma_no = "";
+  const char* dec_no = "";
+  const bool mma_ok = mma_supports(p, c, d, &mma_no);
+  const bool dec_ok = fast_decode_supports(p, c.codes_ptr, 0, &dec_no);
+  return plan_gemm(p, d, mma_ok, mma_no, dec_ok, dec_no, &mma_plan);
 }
 
 Plan plan_lut_linear_dx(const LutProblem& p, const CallInfo& c, const DeviceInfo& d) {
@@ -190,20 +202,7 @@ Plan plan_lut_linear_dx(const LutProblem& p, const CallInfo& c, const DeviceInfo
   const char* dec_no = "";
   const bool mma_ok = dx_mma_supports(p, c, d, &mma_no);
   const bool dec_ok = fast_decode_supports(p, c.codes_ptr, 0, &dec_no);
-  switch (forced_path()) {
-    case Path::Simple: return simple_plan("forced: simple");
-    case Path::Mma:
-      if (mma_ok) return dx_mma_plan(p, d, "forced: mma");
-      break;
-    case Path::DecodeGemm:
-      if (dec_ok) return decode_plan("forced: decode_gemm");
-      break;
-    case Path::Auto: break;
-  }
-  if (p.M > kMmaMaxTokens && dec_ok) return decode_plan("dx, large M: decode once, cuBLAS GEMM");
-  if (mma_ok) return dx_mma_plan(p, d, "dx: fused LUT gather-GEMM on tensor cores");
-  if (p.M >= kDecodeMinTokens && dec_ok) return decode_plan(mma_no);
-  return simple_plan(dec_ok ? mma_no : dec_no);
+  return plan_gemm(p, d, mma_ok, mma_no, dec_ok, dec_no, &dx_mma_plan);
 }
 
 }  // namespace spallm::cuda

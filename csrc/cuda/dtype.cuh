@@ -69,4 +69,14 @@ cudaError_t dispatch_dtype(DType t, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// The same for the tensor-core kernels' activation types (BF16, F16); F32 is an invalid value.
+template <typename F>
+cudaError_t dispatch_half(DType t, F&& f) {
+  switch (t) {
+    case DType::F16: return f(TypeTag<__half>{});
+    case DType::BF16: return f(TypeTag<__nv_bfloat16>{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace spallm::cuda

@@ -138,19 +138,11 @@ lut_dx_mma_kernel(LutProblem p, const A* __restrict__ dy, const uint8_t* __restr
         ldmatrix_x4_trans(a[i], wt.at(kk + (mat / 2) * 8 + lane % 8, wn * C::kWarpRows + i * 16 + (mat % 2) * 8));
       }
       load_token_fragments<C::TM>(dt, wm * C::kWarpTokens, kk, lane, b);
-#pragma unroll
-      for (int i = 0; i < C::TN; ++i) {
-#pragma unroll
-        for (int j = 0; j < C::TM; ++j) mma_16816<A>(acc[i][j], a[i], b[j]);
-      }
+      mma_tiles<A>(acc, a, b);
     }
   };
 
-#pragma unroll
-  for (int s = 0; s < C::kStages - 1; ++s) {
-    if (s < nsteps) load_stage(s, step_begin + s);
-    cp_async_commit();
-  }
+  ring_prologue<C::kStages>(nsteps, step_begin, load_stage);
   if (nsteps > 0) load_luts(step_begin);
   for (int it = 0; it < nsteps; ++it) {
     const int stage = it % C::kStages, buf = it & 1;
@@ -231,11 +223,7 @@ cudaError_t lut_linear_dx_mma(const LutProblem& p, const void* dy, DType act_typ
       }
     });
   };
-  switch (act_type) {
-    case DType::BF16: return run(TypeTag<__nv_bfloat16>{});
-    case DType::F16: return run(TypeTag<__half>{});
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_half(act_type, run);
 }
 
 }  // namespace spallm::cuda

@@ -24,6 +24,7 @@
 #include "cuda/dtype.cuh"
 #include "cuda/kernels.h"
 #include "cuda/launch.cuh"
+#include "cuda/lut_tile.cuh"
 #include "cuda/mma.cuh"
 
 namespace spallm::cuda {
@@ -111,20 +112,13 @@ lut_grad_mma_kernel(LutProblem p, const A* __restrict__ dy, const A* __restrict_
         b[j + 1][0] = r[2];
         b[j + 1][1] = r[3];
       }
-#pragma unroll
-      for (int i = 0; i < TN; ++i) {
-#pragma unroll
-        for (int j = 0; j < TC; ++j) mma_16816<A>(acc[i][j], a[i], b[j]);
-      }
+      mma_tiles<A>(acc, a, b);
     }
   };
 
   const int64_t nsteps = (p.M + kBlockT - 1) / kBlockT;
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < nsteps) load_stage(s, s * kBlockT);
-    cp_async_commit();
-  }
+  ring_prologue<kStages>(static_cast<int>(nsteps < kStages ? nsteps : kStages), 0,
+                         [&](int slot, int64_t step) { load_stage(slot, step * kBlockT); });
   for (int64_t it = 0; it < nsteps; ++it) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // this stage landed for every thread; the stage refilled below is consumed
@@ -228,11 +222,7 @@ cudaError_t lut_grad_mma(const LutProblem& p, const void* dy, const void* x, DTy
                              stream);
     });
   };
-  switch (act_type) {
-    case DType::BF16: return run(TypeTag<__nv_bfloat16>{});
-    case DType::F16: return run(TypeTag<__half>{});
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_half(act_type, run);
 }
 
 }  // namespace spallm::cuda

@@ -147,21 +147,11 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
         ldmatrix_x4(a[i], wt.at(wn * C::kWarpRows + i * 16 + lane % 16, kk + (lane / 16) * 8));
       }
       load_token_fragments<C::TM>(xt, wm * C::kWarpTokens, kk, lane, b);
-#pragma unroll
-      for (int i = 0; i < C::TN; ++i) {
-#pragma unroll
-        for (int j = 0; j < C::TM; ++j) mma_16816<A>(acc[i][j], a[i], b[j]);
-      }
+      mma_tiles<A>(acc, a, b);
     }
   };
 
-  // Pipeline. One commit per prologue slot and per iteration, empty or not, so "all but the
-  // newest STAGES-2 groups done" always means "the stage of this iteration has landed".
-#pragma unroll
-  for (int s = 0; s < C::kStages - 1; ++s) {
-    if (s < nsteps) load_stage(s, step_begin + s);
-    cp_async_commit();
-  }
+  ring_prologue<C::kStages>(nsteps, step_begin, load_stage);
   int64_t table_group = -1;
   int tbuf = 1;
   for (int it = 0; it < nsteps; ++it) {
@@ -264,11 +254,7 @@ cudaError_t lut_linear_mma(const LutProblem& p, const void* x, DType act_type, c
                                 stream);
     });
   };
-  switch (act_type) {
-    case DType::BF16: return run(TypeTag<__nv_bfloat16>{});
-    case DType::F16: return run(TypeTag<__half>{});
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_half(act_type, run);
 }
 
 }  // namespace spallm::cuda

@@ -56,6 +56,28 @@ __device__ __forceinline__ void load_token_fragments(const SwizzledTile<UNITS>& 
   }
 }
 
+// acc[i][j] += a[i] * b[j] for a warp's TN x TM mma tiles.
+template <typename T, int TN, int TM>
+__device__ __forceinline__ void mma_tiles(float (&acc)[TN][TM][4], const uint32_t (&a)[TN][4], const uint32_t (&b)[TM][2]) {
+#pragma unroll
+  for (int i = 0; i < TN; ++i) {
+#pragma unroll
+    for (int j = 0; j < TM; ++j) mma_16816<T>(acc[i][j], a[i], b[j]);
+  }
+}
+
+// The prologue of a cp.async ring of STAGES slots: load(slot, step) for the first STAGES - 1 steps.
+// One commit per slot, empty or not (and the main loops commit once per iteration), so "all but
+// the newest STAGES - 2 groups done" always means "this iteration's slot has landed".
+template <int STAGES, typename Load>
+__device__ __forceinline__ void ring_prologue(int nsteps, int64_t step_begin, Load&& load) {
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nsteps) load(s, step_begin + s);
+    cp_async_commit();
+  }
+}
+
 // A block tile of ROWS (the MMA's M side: rows of W, or columns for dx) x BM tokens split over
 // 8 warps; each warp holds TN x TM mma tiles. Small token tiles put all warps along ROWS.
 template <int BM, int ROWS>

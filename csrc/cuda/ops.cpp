@@ -37,6 +37,27 @@ cuda::DeviceInfo device_info(const at::Device& device) {
 
 uintptr_t address(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()); }
 
+// What dispatch.cpp needs to know about a call besides its sizes. act_ptr 0: the activation is a
+// fresh (aligned) copy made later.
+cuda::CallInfo call_info(cuda::DType act, cuda::DType lut, uintptr_t act_ptr, const at::Tensor& codes) {
+  cuda::CallInfo call;
+  call.act = act;
+  call.lut = lut;
+  call.act_ptr = act_ptr;
+  call.codes_ptr = address(codes);
+  return call;
+}
+
+// The decode half of decode_gemm: W [N, K] in `options`' dtype (the activations').
+at::Tensor decode_weight(const cuda::LutProblem& p, const at::Tensor& codes, const at::Tensor& lut,
+                         cuda::DType lut_type, cuda::DType out_type, const at::TensorOptions& options,
+                         cudaStream_t stream) {
+  at::Tensor w = at::empty({p.N, p.K}, options);
+  C10_CUDA_CHECK(cuda::lut_decode_fast(p, codes.const_data_ptr<uint8_t>(), lut.const_data_ptr(), lut_type,
+                                       w.mutable_data_ptr(), out_type, stream));
+  return w;
+}
+
 cuda::DType cuda_dtype(const char* op, const char* arg, const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return cuda::DType::F32;
@@ -69,6 +90,7 @@ cuda::LutProblem problem(const LutShape& s, int64_t tokens) {
 
 at::Tensor lut_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut,
                            const std::optional<at::Tensor>& bias) {
+  const NoAutocast no_autocast;
   constexpr const char* op = "spallm.lut_linear";
   const LutShape s = check_codes_lut_cuda(op, codes, lut);
   check_activation(op, "x", x, s.K, /*allow_double=*/false);
@@ -79,11 +101,7 @@ at::Tensor lut_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const a
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const cuda::LutProblem p = problem(s, xc.size(0));
   const cuda::DType act = cuda_dtype(op, "x", x), lut_type = cuda_dtype(op, "lut", lut);
-  cuda::CallInfo call;
-  call.act = act;
-  call.lut = lut_type;
-  call.act_ptr = address(xc);
-  call.codes_ptr = address(codes);
+  const cuda::CallInfo call = call_info(act, lut_type, address(xc), codes);
   const cuda::Plan plan = cuda::plan_lut_linear(p, call, device_info(x.device()));
   t_last_plan = plan;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -91,9 +109,7 @@ at::Tensor lut_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const a
   if (plan.path == cuda::Path::DecodeGemm) {
     // W in the activation dtype, then cuBLAS: same rounding of W as a bf16/fp16 nn.Linear, and
     // fp32 follows torch's own fp32 matmul settings (TF32 only if the user allowed it).
-    at::Tensor w = at::empty({s.N, s.K}, x.options());
-    C10_CUDA_CHECK(cuda::lut_decode_fast(p, codes.const_data_ptr<uint8_t>(), lut.const_data_ptr(), lut_type,
-                                         w.mutable_data_ptr(), act, stream));
+    const at::Tensor w = decode_weight(p, codes, lut, lut_type, act, x.options(), stream);
     y = bc.defined() ? at::addmm(bc, xc, w.t()) : at::mm(xc, w.t());
   } else {
     y = at::empty({xc.size(0), s.N}, x.options());
@@ -115,6 +131,7 @@ at::Tensor lut_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const a
 }
 
 at::Tensor lut_linear_dx_cuda(const at::Tensor& dy, const at::Tensor& codes, const at::Tensor& lut) {
+  const NoAutocast no_autocast;
   constexpr const char* op = "spallm.lut_linear_dx";
   const LutShape s = check_codes_lut_cuda(op, codes, lut);
   check_activation(op, "dy", dy, s.N, /*allow_double=*/false);
@@ -123,19 +140,13 @@ at::Tensor lut_linear_dx_cuda(const at::Tensor& dy, const at::Tensor& codes, con
   const at::Tensor dyc = as_tokens(dy).contiguous();
   const cuda::LutProblem p = problem(s, dyc.size(0));
   const cuda::DType act = cuda_dtype(op, "dy", dy), lut_type = cuda_dtype(op, "lut", lut);
-  cuda::CallInfo call;
-  call.act = act;
-  call.lut = lut_type;
-  call.act_ptr = address(dyc);
-  call.codes_ptr = address(codes);
+  const cuda::CallInfo call = call_info(act, lut_type, address(dyc), codes);
   const cuda::Plan plan = cuda::plan_lut_linear_dx(p, call, device_info(dy.device()));
   t_last_plan = plan;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor dx;
   if (plan.path == cuda::Path::DecodeGemm) {
-    at::Tensor w = at::empty({s.N, s.K}, dy.options());
-    C10_CUDA_CHECK(cuda::lut_decode_fast(p, codes.const_data_ptr<uint8_t>(), lut.const_data_ptr(), lut_type,
-                                         w.mutable_data_ptr(), act, stream));
+    const at::Tensor w = decode_weight(p, codes, lut, lut_type, act, dy.options(), stream);
     dx = at::mm(dyc, w);
   } else if (plan.path == cuda::Path::Mma) {
     dx = at::empty({dyc.size(0), s.K}, dy.options());
@@ -229,15 +240,11 @@ at::Tensor lut_linear_lowrank_cuda(const at::Tensor& x, const at::Tensor& codes,
   cuda_dtype(op, "lut", lut);
   const c10::cuda::CUDAGuard guard(x.device());
   // The op's dtypes are its contract: autocast must not recast the GEMMs below.
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const NoAutocast no_autocast;
   const at::Tensor xc = as_tokens(x).contiguous();
   const cuda::LutProblem p = problem(s, xc.size(0));
   const cuda::DType act = cuda_dtype(op, "x", x), lut_type = cuda_dtype(op, "lut", lut);
-  cuda::CallInfo call;
-  call.act = act;
-  call.lut = lut_type;
-  call.act_ptr = address(xc);
-  call.codes_ptr = address(codes);
+  const cuda::CallInfo call = call_info(act, lut_type, address(xc), codes);
   const cuda::Plan plan = cuda::plan_lut_linear(p, call, device_info(x.device()));
   const bool half = act != cuda::DType::F32;
   if (p.M == 0 || !(plan.path == cuda::Path::Mma || (plan.path == cuda::Path::DecodeGemm && half))) {
@@ -263,9 +270,7 @@ at::Tensor lut_linear_lowrank_cuda(const at::Tensor& x, const at::Tensor& codes,
                                         ws.defined() ? ws.mutable_data_ptr<float>() : nullptr, lr, cuda::Segments{},
                                         stream));
   } else {
-    at::Tensor w = at::empty({s.N, s.K}, x.options());
-    C10_CUDA_CHECK(cuda::lut_decode_fast(p, codes.const_data_ptr<uint8_t>(), lut.const_data_ptr(), lut_type,
-                                         w.mutable_data_ptr(), act, stream));
+    const at::Tensor w = decode_weight(p, codes, lut, lut_type, act, x.options(), stream);
     y = bc.defined() ? at::addmm(bc, xc, w.t()) : at::mm(xc, w.t());
     y.addmm_(at::mm(xc, l1.to(x.scalar_type())), l2.to(x.scalar_type()));
   }
@@ -280,6 +285,7 @@ SPALLM_DEFINE_ADAPTER_ENTRY_POINTS(cuda, lut_linear_cuda, lut_linear_dx_cuda, lu
 // every error, goes through the backend-independent routing of csrc/multi_adapter.cpp.
 at::Tensor cuda_lut_linear_entry(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut,
                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& adapter_index) {
+  const NoAutocast no_autocast;
   if (!adapter_index.has_value() || lut.dim() != 4 || lut.size(0) < 1 || !lut.is_contiguous() || x.dim() < 1 ||
       !x.is_cuda()) {
     return cuda_lut_linear(x, codes, lut, bias, adapter_index);
@@ -293,11 +299,7 @@ at::Tensor cuda_lut_linear_entry(const at::Tensor& x, const at::Tensor& codes, c
   const at::Tensor x2 = as_tokens(x);
   const cuda::LutProblem p = problem(s, x2.size(0));
   const cuda::DType act = cuda_dtype(op, "x", x), lut_type = cuda_dtype(op, "lut", lut);
-  cuda::CallInfo call;
-  call.act = act;
-  call.lut = lut_type;
-  call.act_ptr = 0;  // the sorted copy of x is a fresh (aligned) tensor
-  call.codes_ptr = address(codes);
+  const cuda::CallInfo call = call_info(act, lut_type, 0, codes);
   const cuda::Plan plan = cuda::plan_lut_linear(p, call, device_info(x.device()));
   const int64_t adapters = lut.size(0);
   if (plan.path != cuda::Path::Mma || p.M == 0 || plan.splits * adapters > 65535) {
