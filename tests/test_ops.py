@@ -199,3 +199,18 @@ def test_outputs_are_fresh_tensors_not_views(device, lead):
     for out in outs:
         assert out.shape[:-1] == x.shape[:-1]
         assert not out._is_view()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_keep_their_dtypes_under_autocast(device):
+    # The op's contract is fp32 accumulation for fp32 inputs; autocast must not recast the GEMMs
+    # its kernels run (it used to turn the CPU kernel's at::mm into a bf16 one: 3e-3 error).
+    codes, lut = make_sketch(64, 256, 4, 2, device=device)
+    x = randn(70, 256, device=device)
+    dy = randn(70, 64, device=device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y = spallm_ext.lut_linear(x, codes, lut)
+        dx = spallm_ext.lut_linear_dx(dy, codes, lut)
+    assert y.dtype == dx.dtype == torch.float32
+    assert_close_rel(y, reference.lut_linear(x, codes, lut))
+    assert_close_rel(dx, reference.lut_linear_dx(dy, codes, lut))
