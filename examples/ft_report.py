@@ -14,6 +14,7 @@ LABEL = {"spallm": "SpaLLM LUTs (fp32 master)", "spallm_bf16lut": "SpaLLM LUTs (
          "lora": "LoRA r=8 (fp32 base)", "qlora": "QLoRA r=8 (NF4 base)"}
 BASE = {"sketch": "4-bit sketch (fp32 LUTs)", "fp32": "fp32", "nf4": "NF4 b64"}
 ORDER = ("spallm", "spallm_bf16lut", "lora", "qlora")
+COLOR = {"spallm": "tab:blue", "spallm_bf16lut": "tab:orange", "lora": "tab:green", "qlora": "tab:red"}
 
 
 def _mb(b) -> str:
@@ -78,7 +79,8 @@ def plot(rows, path: str) -> bool:
         for m in ORDER:
             r = next((r for r in rows if r["task"] == task and r["method"] == m and r["steps"] > 0), None)
             if r:
-                ax.plot([c["step"] for c in r["curve"]], [c["loss"] for c in r["curve"]], label=LABEL[m])
+                ax.plot([c["step"] for c in r["curve"]], [c["loss"] for c in r["curve"]], label=LABEL[m],
+                        color=COLOR[m], marker=".")
         ax.set_title(f"{task}: train loss on answer tokens")
         ax.set_xlabel("step")
         ax.set_ylabel("loss (mean of each logging window)")
