@@ -52,8 +52,14 @@ def commit() -> str:
 def append_row(path: str, row: dict, header: dict) -> None:
     import fcntl
 
+    import hashlib
+    import tempfile
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".lock", "w") as lock:      # two runs may finish at the same time
+    # two runs may finish at the same time; the lock file lives in the temp dir, not beside
+    # the results (where it would show up as an untracked file)
+    tag = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
+    with open(os.path.join(tempfile.gettempdir(), f"spallm_ft_{tag}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         _append_row(path, row, header)
 
