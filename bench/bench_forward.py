@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import random_sketch, time_cuda, time_cuda_graph, write_results  # noqa: E402
+from common import random_sketch, runs_for, time_cuda, time_cuda_graph, write_results  # noqa: E402
 
 import spallm_ext  # noqa: E402
 from spallm_ext import kernels  # noqa: E402
@@ -37,16 +37,6 @@ SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 # Peak HBM bandwidth (GB/s, vendor figures) for the hbm_fraction column; others default to H100 SXM.
 HBM_GBPS = {"NVIDIA H100 80GB HBM3": 3350.0, "NVIDIA H200": 4800.0}
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 8192]
-
-
-def _runs_for(fn, budget_ms: float) -> int:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    return int(max(5, min(100, budget_ms / max(start.elapsed_time(end), 1e-3))))
 
 
 def _bnb_nf4(w: torch.Tensor):
@@ -99,7 +89,7 @@ def main() -> None:
     print(f"{'N':>6} {'K':>6} {'M':>5} {'b':>2} {'G':>2} {'impl':<15} {'us':>10} {'GB/s':>7} {'TFLOP/s':>8} {'vs cuBLAS':>9}")
 
     def timed(fn):
-        t = time_cuda(fn, runs=_runs_for(fn, args.budget_ms))
+        t = time_cuda(fn, runs=runs_for(fn, args.budget_ms))
         if t["median_us"] < args.graph_below_us:
             t = time_cuda_graph(fn, runs=max(t["runs"], 50))
         return t

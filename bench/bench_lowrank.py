@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import random_sketch, time_cpu, time_cuda, write_results  # noqa: E402
+from common import random_sketch, runs_for, time_cpu, time_cuda, write_results  # noqa: E402
 
 import spallm_ext  # noqa: E402
 
@@ -42,14 +42,8 @@ def _timer(device: str, budget_ms: float):
         return lambda fn: time_cpu(fn, min_runs=3, min_seconds=budget_ms / 1e3, warmup=1)
 
     def timed(fn):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        fn()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        runs = int(max(5, min(100, budget_ms / max(start.elapsed_time(end), 1e-3))))
-        return time_cuda(fn, runs=runs)
+        return time_cuda(fn, runs=runs_for(fn, budget_ms))
+
     return timed
 
 

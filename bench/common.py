@@ -81,6 +81,17 @@ def time_cuda(fn, *, runs: int = 100, warmup: int = 10, flush_l2: bool = True) -
     return {"median_us": statistics.median(times), "min_us": min(times), "runs": runs}
 
 
+def runs_for(fn, budget_ms: float, lo: int = 5, hi: int = 100) -> int:
+    """How many timed runs of `fn` fit a budget of `budget_ms` (one warm call, one measured)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return int(max(lo, min(hi, budget_ms / max(start.elapsed_time(end), 1e-3))))
+
+
 def time_cuda_graph(fn, *, runs: int = 100, warmup: int = 3, flush_l2: bool = True) -> dict:
     """time_cuda of one replay of `fn` captured in a CUDA graph: for calls of a few microseconds,
     where Python and launch overhead between the kernels of one call would otherwise be timed."""

@@ -118,15 +118,7 @@ class LowRankSketchedLinear(SketchedLinear):
             acc = torch.float64 if y.dtype == torch.float64 else torch.float32
             branch = (x.to(acc) @ self.l1.to(acc)) @ self.l2.to(acc)
             return (y.to(acc) + branch).to(y.dtype)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"LowRankSketchedLinear: input's last dimension is {x.shape[-1]}, expected "
-                             f"in_features={self.in_features}")
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev) and x.is_floating_point():
-            x = x.to(torch.get_autocast_dtype(dev))
-        bias = self.bias
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
+        x, bias = self._inputs(x)
         return ops.lut_linear_lowrank(x, self.codes, self.lut, self.l1, self.l2, bias)
 
     @torch.no_grad()

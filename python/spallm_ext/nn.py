@@ -85,9 +85,10 @@ class SketchedLinear(nn.Module):
             if self.bias is not None:
                 self.bias.uniform_(-bound, bound)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _inputs(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """x checked and cast as nn.Linear's would be under autocast, and the bias in x's dtype."""
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"SketchedLinear: input's last dimension is {x.shape[-1]}, expected "
+            raise ValueError(f"{type(self).__name__}: input's last dimension is {x.shape[-1]}, expected "
                              f"in_features={self.in_features}")
         dev = x.device.type
         if torch.is_autocast_enabled(dev) and x.is_floating_point():
@@ -95,6 +96,10 @@ class SketchedLinear(nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
+        return x, bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, bias = self._inputs(x)
         index = getattr(self, "adapter_index", None)   # absent on modules pickled before stacks existed
         if index is None:
             return ops.lut_linear(x, self.codes, self.lut, bias)
