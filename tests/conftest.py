@@ -130,3 +130,10 @@ def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | 
     err = rel_err(out, ref)
     assert err <= tol, f"relative error {err:.3e} > {tol:.1e}"
 
+
+
+def assert_opcheck_passes(result: dict) -> None:
+    """torch.library.opcheck's report: at least one check ran and every one succeeded."""
+    assert result, "opcheck ran no test"
+    bad = {k: v for k, v in result.items() if v != "SUCCESS"}
+    assert not bad, bad

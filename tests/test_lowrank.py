@@ -10,8 +10,8 @@ import spallm_ext
 from spallm_ext import LowRankSketchedLinear, SketchedLinear, reference
 from spallm_ext.lowrank import eora_fit, lowrank_sketch, relative_error
 
-from conftest import (ALL_BITS, DEVICES, FLOAT_DTYPES, REL_TOL, assert_close_rel, dtype_id, make_sketch,
-                      odd_in_features, randn)
+from conftest import (ALL_BITS, DEVICES, REL_TOL, act_lut_dtype_params, assert_close_rel,
+                      assert_opcheck_passes, make_sketch, odd_in_features, randn)
 
 ops = torch.ops.spallm
 N, RANK = 6, 3
@@ -28,19 +28,10 @@ def _problem(device, bits=3, groups=2, lead=(2, 3), dtype=torch.float32, lut_dty
     return x, codes, lut, l1, l2, bias
 
 
-def _dtype_params():
-    out = []
-    for dev in DEVICES:
-        name = dev.values[0]
-        for dt in FLOAT_DTYPES + ((torch.float64,) if name == "cpu" else ()):
-            out.append(pytest.param(name, dt, id=f"{name}-{dtype_id(dt)}", marks=dev.marks))
-    return out
-
-
 # ---------------------------------------------------------------- forward
 
 
-@pytest.mark.parametrize("device,dtype", _dtype_params())
+@pytest.mark.parametrize("device,dtype", act_lut_dtype_params())
 @pytest.mark.parametrize("bits", ALL_BITS)
 @pytest.mark.parametrize("groups", [1, 4])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
@@ -107,7 +98,7 @@ def test_ranks(rank):
 # ---------------------------------------------------------------- backward
 
 
-@pytest.mark.parametrize("device,dtype", _dtype_params())
+@pytest.mark.parametrize("device,dtype", act_lut_dtype_params())
 @pytest.mark.parametrize("bits", ALL_BITS)
 @pytest.mark.parametrize("groups", [1, 4])
 def test_backward_matches_reference(device, dtype, bits, groups):
@@ -164,12 +155,6 @@ def test_gradcheck_fp64(bits, with_bias):
 # ---------------------------------------------------------------- opcheck, compile
 
 
-def _assert_all_pass(result):
-    assert result, "opcheck ran no test"
-    bad = {k: v for k, v in result.items() if v != "SUCCESS"}
-    assert not bad, bad
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", ALL_BITS)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
@@ -177,14 +162,14 @@ def test_opcheck(device, bits, with_bias):
     x, codes, lut, l1, l2, bias = _problem(device, bits)
     args = [t.requires_grad_(True) for t in (x, lut, l1, l2)]
     b = bias.requires_grad_(True) if with_bias else None
-    _assert_all_pass(torch.library.opcheck(ops.lut_linear_lowrank.default,
+    assert_opcheck_passes(torch.library.opcheck(ops.lut_linear_lowrank.default,
                                            (args[0], codes, args[1], args[2], args[3], b)))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_low_precision_and_zero_tokens(device):
     x, codes, lut, l1, l2, bias = _problem(device, 4, 4, lead=(0,), dtype=torch.bfloat16, lr_dtype=torch.bfloat16)
-    _assert_all_pass(torch.library.opcheck(ops.lut_linear_lowrank.default,
+    assert_opcheck_passes(torch.library.opcheck(ops.lut_linear_lowrank.default,
                                            (x.requires_grad_(True), codes, lut, l1.requires_grad_(True),
                                             l2.requires_grad_(True), bias)))
 
