@@ -3,7 +3,8 @@
 Environment knobs, in the flash-attn style:
   SPALLM_FORCE_CUDA=1   compile the CUDA kernels even if detection says no
   SPALLM_SKIP_CUDA=1    CPU-only build even with a CUDA torch and nvcc
-  TORCH_CUDA_ARCH_LIST  archs to build (default "8.0;9.0a")
+  TORCH_CUDA_ARCH_LIST  archs to build (default "8.0;9.0a;8.0+PTX": sm_80 and sm_90a code, plus
+                        compute_80 PTX that newer GPUs (Blackwell) compile at load time)
   MAX_JOBS              parallel compile jobs
   SPALLM_BUILD_TYPE     CMake build type (default Release)
   SPALLM_CMAKE_ARGS     extra arguments for the CMake configure step
@@ -65,7 +66,7 @@ class CMakeBuild(build_ext):
             cuda_root = str(Path(nvcc).resolve().parent.parent)
             args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCUDAToolkit_ROOT={cuda_root}",
                      f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_root}"]
-            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a;8.0+PTX")
         args += shlex.split(os.environ.get("SPALLM_CMAKE_ARGS", ""))
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         print(f"spallm_ext: building with CUDA={'on' if cuda else 'off'}", flush=True)
