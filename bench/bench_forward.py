@@ -6,7 +6,9 @@ impls (the `impl` field of each row):
   spallm          torch.ops.spallm.lut_linear (x bf16, LUT fp32 master copy, no cast per call), the
                   kernel the dispatch picks (the row's `plan` says which); `adapters` > 1 rows give
                   every token one of A adapters (LUT stack [A, N, G, 2^b], random adapter_index)
-  spallm_mma      the same call forced onto the fused tensor-core kernel (spallm_ext.kernels)
+  spallm_mma      the same call forced onto the fused tensor-core kernel, W tiles decoded in shared
+                  memory (spallm_ext.kernels)
+  spallm_mma_regs forced onto its small-M variant (M <= 32), mma fragments decoded in registers
   spallm_decode_gemm  forced onto decode-to-bf16 + cuBLAS
   spallm_simple   forced onto the exact CUDA-core kernels (only with --paths simple)
   cublas_bf16     torch.matmul with the dense bf16 weight
@@ -76,7 +78,7 @@ def main() -> None:
     ap.add_argument("--groups", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--ms", type=int, nargs="+", default=None)
     ap.add_argument("--budget-ms", type=float, default=150.0, help="time budget per measurement")
-    ap.add_argument("--paths", nargs="*", default=["mma", "decode_gemm"],
+    ap.add_argument("--paths", nargs="*", default=["mma", "mma_regs", "decode_gemm"],
                     help="forced CUDA paths timed besides the automatic choice (4-bit rows only)")
     ap.add_argument("--adapters", type=int, nargs="*", default=[16],
                     help="multi-adapter rows: adapters per batch, at M >= adapters and M <= 256")
@@ -137,7 +139,7 @@ def main() -> None:
                         for path in args.paths:
                             with kernels.use_cuda_kernel(path):
                                 plan = plan_of(f)
-                                if plan.startswith(path):  # the path supports this call
+                                if plan.startswith(path + " "):  # the path supports this call
                                     emit(f"spallm_{path}", m, n, k, bits, gpr, timed(f), nbytes, base["median_us"],
                                          plan=plan)
                         f = lambda: torch.matmul(x, spallm_ext.lut_decode(codes, lut_bf16).T)  # noqa: E731

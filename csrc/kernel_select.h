@@ -6,7 +6,7 @@
 
 namespace spallm {
 
-// "auto" (the default), "simple", "mma" or "decode_gemm"; false for an unknown name. A forced path
+// "auto" (the default), "simple", "mma", "mma_regs" or "decode_gemm"; false for an unknown name. A forced path
 // applies where it supports the problem; elsewhere the automatic choice runs.
 bool set_cuda_kernel(const std::string& name);
 std::string cuda_kernel();

@@ -61,10 +61,12 @@ AdapterOrder sort_by_adapter(const char* op, const at::Tensor& adapter_index, in
                              const at::Tensor& ref) {
   const at::Tensor idx = checked_index(op, adapter_index, tokens, num_adapters, ref);
   AdapterOrder out;
-  out.order = std::get<1>(idx.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
-  // offsets = [0, cumsum(counts)], computed where the tokens are: no further sync.
-  out.offsets = at::zeros({num_adapters + 1}, idx.options());
-  if (tokens > 0) out.offsets.narrow(0, 1, num_adapters).copy_(at::bincount(idx, {}, num_adapters).cumsum(0));
+  auto [sorted, order] = idx.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+  out.order = order;
+  // offsets[a] = first sorted position holding an index >= a (offsets[A] = M): segment a is
+  // [offsets[a], offsets[a + 1]). searchsorted runs where the tokens are, with no host sync
+  // (bincount would sync to size its output).
+  out.offsets = at::searchsorted(sorted, at::arange(num_adapters + 1, idx.options()));
   return out;
 }
 

@@ -1,7 +1,7 @@
-"""Every CUDA forward path (simple, mma, decode_gemm) against the reference, forced one at a time,
-plus the dispatch itself: which path a call takes, fallbacks, split-K, CUDA graphs.
+"""Every CUDA forward path (simple, mma, mma_regs, decode_gemm) against the reference, forced one at
+a time, plus the dispatch itself: which path a call takes, fallbacks, split-K, CUDA graphs.
 
-"mma" and "decode_gemm" round W to the activation dtype (as a bf16/fp16 nn.Linear's weight is), so
+"mma", "mma_regs" and "decode_gemm" round W to the activation dtype (as a bf16/fp16 nn.Linear's weight is), so
 besides the usual relative-norm check against the exact reference, each output element is compared
 with the reference computed from the rounded LUT: a single mis-decoded weight moves an element far
 more than fp32 accumulation plus one output rounding can.
@@ -19,6 +19,8 @@ from conftest import ALL_BITS, CUDA_MARKS, assert_close_rel, dtype_id, make_sket
 pytestmark = CUDA_MARKS
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
+# The two decodes of the fused kernel: W tiles through shared memory, or fragments in registers.
+MMA_PATHS = ("mma", "mma_regs")
 
 
 def _check_elementwise(out: torch.Tensor, x, codes, lut, bias, act_dtype) -> None:
@@ -41,16 +43,20 @@ def _run(path: str, x, codes, lut, bias=None):
 @pytest.mark.parametrize("bits", ALL_BITS)
 @pytest.mark.parametrize("act_dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("lut_dtype", (torch.float32, torch.bfloat16, torch.float16), ids=dtype_id)
-@pytest.mark.parametrize("m,n,k,groups", [(1, 200, 1024, 4), (7, 128, 256, 1), (16, 1000, 512, 8),
-                                          (33, 96, 4096, 64), (64, 130, 128, 2), (130, 256, 192, 3),
-                                          (600, 72, 640, 10)])
+@pytest.mark.parametrize("path,m,n,k,groups", [
+    ("mma", 1, 200, 1024, 4), ("mma", 7, 128, 256, 1), ("mma", 16, 1000, 512, 8), ("mma", 33, 96, 4096, 64),
+    ("mma", 64, 130, 128, 2), ("mma", 130, 256, 192, 3), ("mma", 600, 72, 640, 10),
+    # register decode: both token tiles, ragged rows, group size 64 (a LUT refill every step),
+    # one group, a long K with many groups
+    ("mma_regs", 1, 200, 1024, 4), ("mma_regs", 7, 128, 256, 1), ("mma_regs", 16, 1000, 512, 8),
+    ("mma_regs", 17, 130, 128, 2), ("mma_regs", 32, 96, 4096, 64), ("mma_regs", 3, 256, 192, 3)])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-def test_mma_matches_reference(bits, act_dtype, lut_dtype, m, n, k, groups, with_bias):
+def test_mma_matches_reference(bits, act_dtype, lut_dtype, path, m, n, k, groups, with_bias):
     codes, lut = make_sketch(n, k, bits, groups, lut_dtype=lut_dtype, device="cuda", seed=m + n + bits)
     x = randn(m, k, dtype=act_dtype, device="cuda", seed=1)
     bias = randn(n, dtype=act_dtype, device="cuda", seed=2) if with_bias else None
-    y, plan = _run("mma", x, codes, lut, bias)
-    assert plan.startswith("mma"), plan
+    y, plan = _run(path, x, codes, lut, bias)
+    assert plan.startswith(path + " "), plan
     assert y.dtype == act_dtype and y.shape == (m, n)
     assert_close_rel(y, reference.lut_linear(x, codes, lut, bias))
     _check_elementwise(y, x, codes, lut, bias, act_dtype)
@@ -58,11 +64,12 @@ def test_mma_matches_reference(bits, act_dtype, lut_dtype, m, n, k, groups, with
 
 @pytest.mark.parametrize("bits", ALL_BITS)
 @pytest.mark.parametrize("mode", ["zeros", "equal", "alternating", "max"])
-def test_mma_adversarial_codes(bits, mode):
+@pytest.mark.parametrize("path", MMA_PATHS)
+def test_mma_adversarial_codes(bits, mode, path):
     codes, lut = make_sketch(256, 512, bits, 4, device="cuda", mode=mode, seed=bits)
     x = randn(5, 512, dtype=torch.bfloat16, device="cuda", seed=3)
-    y, plan = _run("mma", x, codes, lut)
-    assert plan.startswith("mma"), plan
+    y, plan = _run(path, x, codes, lut)
+    assert plan.startswith(path + " "), plan
     _check_elementwise(y, x, codes, lut, None, torch.bfloat16)
 
 
@@ -99,18 +106,20 @@ def test_fast_decode_is_bit_exact(bits, lut_dtype):
 def test_paths_agree_through_the_module():
     torch.manual_seed(0)
     mod = spallm_ext.SketchedLinear(512, 384, bits=4, groups_per_row=4).cuda()
-    x = torch.randn(3, 11, 512, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 13, 512, device="cuda", dtype=torch.bfloat16)
     outs = {}
-    for path in ("simple", "mma", "decode_gemm"):
+    for path in ("simple", "mma", "mma_regs", "decode_gemm"):
         with kernels.use_cuda_kernel(path):
             outs[path] = mod(x)
-    for path in ("mma", "decode_gemm"):
+            assert kernels.last_cuda_plan().startswith(path + " "), kernels.last_cuda_plan()
+    for path in ("mma", "mma_regs", "decode_gemm"):
         assert_close_rel(outs[path].float(), outs["simple"].float(), torch.bfloat16, factor=2)
 
 
 def test_auto_dispatch_choices():
     codes, lut = make_sketch(512, 1024, 4, 4, device="cuda")
-    for m, expect in [(1, "mma"), (16, "mma"), (100, "mma"), (2048, "decode_gemm")]:
+    for m, expect in [(1, "mma_regs "), (16, "mma_regs "), (32, "mma_regs "), (33, "mma "), (100, "mma "),
+                      (2048, "decode_gemm")]:
         spallm_ext.lut_linear(randn(m, 1024, dtype=torch.bfloat16, device="cuda"), codes, lut)
         assert kernels.last_cuda_plan().startswith(expect), (m, kernels.last_cuda_plan())
     # fp32 activations: no tensor-core path; small M runs the exact kernel
@@ -118,7 +127,7 @@ def test_auto_dispatch_choices():
     assert kernels.last_cuda_plan().startswith("simple")
     spallm_ext.lut_linear(randn(64, 1024, device="cuda"), codes, lut)
     assert kernels.last_cuda_plan().startswith("decode_gemm")
-    for m, expect in [(1, "mma"), (200, "mma"), (4096, "decode_gemm")]:
+    for m, expect in [(1, "mma "), (200, "mma "), (4096, "decode_gemm")]:
         spallm_ext.lut_linear_dx(randn(m, 512, dtype=torch.bfloat16, device="cuda"), codes, lut)
         assert kernels.last_cuda_plan().startswith(expect), (m, kernels.last_cuda_plan())
 
@@ -137,23 +146,26 @@ def test_mma_rejects_what_it_cannot_run_and_falls_back():
         assert_close_rel(y, reference.lut_linear(x, codes, lut))
 
 
-def test_split_k_is_used_and_deterministic():
+@pytest.mark.parametrize("path", MMA_PATHS)
+def test_split_k_is_used_and_deterministic(path):
     codes, lut = make_sketch(128, 8192, 4, 4, device="cuda", seed=7)
     x = randn(1, 8192, dtype=torch.bfloat16, device="cuda", seed=8)
     bias = randn(128, dtype=torch.bfloat16, device="cuda", seed=9)
-    a, plan = _run("mma", x, codes, lut, bias)
+    a, plan = _run(path, x, codes, lut, bias)
+    assert plan.startswith(path + " "), plan
     assert "splits=" in plan and int(plan.split("splits=")[1].split()[0]) > 1, plan
-    b, _ = _run("mma", x, codes, lut, bias)
+    b, _ = _run(path, x, codes, lut, bias)
     assert torch.equal(a, b)
     _check_elementwise(a, x, codes, lut, bias, torch.bfloat16)
 
 
-def test_mma_under_cuda_graph():
+@pytest.mark.parametrize("path", MMA_PATHS)
+def test_mma_under_cuda_graph(path):
     codes, lut = make_sketch(384, 2048, 4, 4, device="cuda", seed=1)
     x = randn(4, 2048, dtype=torch.bfloat16, device="cuda", seed=2)
-    with kernels.use_cuda_kernel("mma"):
+    with kernels.use_cuda_kernel(path):
         eager = spallm_ext.lut_linear(x, codes, lut)
-        assert kernels.last_cuda_plan().startswith("mma")
+        assert kernels.last_cuda_plan().startswith(path + " ")
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -250,17 +262,20 @@ def test_lowrank_fused_matches_reference(bits, act_dtype, m, n, k, rank, with_bi
 
 
 @pytest.mark.parametrize("bits", ALL_BITS)
-@pytest.mark.parametrize("m,adapters", [(64, 16), (5, 8), (300, 3), (1, 4)])
+@pytest.mark.parametrize("m,adapters", [(64, 16), (5, 8), (300, 3), (1, 4), (700, 64), (40, 2)])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-def test_multi_adapter_single_launch(bits, m, adapters, with_bias):
+@pytest.mark.parametrize("path", ("auto",) + MMA_PATHS)
+def test_multi_adapter_single_launch(bits, m, adapters, with_bias, path):
     n, k, groups = 200, 512, 4
     codes, lut = make_sketch(n, k, bits, groups, device="cuda", seed=bits)
     stack = torch.stack([lut + 0.1 * randn(*lut.shape, device="cuda", seed=a) for a in range(adapters)])
-    # adapters unused by any token (index skips the last one) and an uneven split
+    # adapters unused by any token (index skips the last one) and an uneven split; 700 tokens over
+    # 64 adapters puts segments longer and shorter than a token tile side by side
     index = (torch.arange(m, device="cuda") * 7) % max(1, adapters - 1)
     x = randn(m, k, dtype=torch.bfloat16, device="cuda", seed=5)
     bias = randn(n, dtype=torch.bfloat16, device="cuda", seed=6) if with_bias else None
-    y = spallm_ext.lut_linear(x, codes, stack, bias, index)
+    with kernels.use_cuda_kernel(path):
+        y = spallm_ext.lut_linear(x, codes, stack, bias, index)
     assert kernels.last_cuda_plan().startswith("mma"), kernels.last_cuda_plan()
     for a in index.unique().tolist():
         rows = (index == a).nonzero().flatten()

@@ -2,6 +2,9 @@
 //
 // Status of the thresholds: they come from a roofline argument, not yet from a sweep on the H100
 // (bench/bench_forward.py measures every path; the numbers to revisit are marked MEASURE).
+//   * M <= kRegsMaxTokens: mma_regs, whose decode costs one shared-memory lookup per weight
+//     (the tile variant adds a store and an ldmatrix read: ~1/15 clock per weight and SM against
+//     the ~1/26 at which 4-bit codes stream in from HBM), so the small-M calls stay memory-bound.
 //   * M <= kMmaMaxTokens, bf16/fp16, aligned shapes: the fused mma kernel. Up to M ~ 64-128 the
 //     call is bound by reading the codes (4-bit: a quarter of bf16's bytes), which only a fused
 //     kernel exploits; decode_gemm would write and re-read a bf16 W (4.5x the codes' traffic).
@@ -19,6 +22,7 @@ namespace {
 
 constexpr int64_t kMmaMaxTokens = 512;     // MEASURE: crossover of mma and decode_gemm
 constexpr int64_t kDecodeMinTokens = 32;   // MEASURE: below this, simple beats decode + GEMM
+constexpr int64_t kRegsMaxTokens = 32;     // MEASURE: crossover of mma_regs and mma (32: its largest tile)
 constexpr int64_t kTileN = 128;            // rows of W per mma block (lut_mma.cu's kBlockN)
 constexpr int64_t kTileK = 64;             // columns per mma K-step (lut_mma.cu's kBlockK)
 constexpr int kMaxSplits = 32;
@@ -31,6 +35,21 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 bool is16bit(DType t) { return t == DType::BF16 || t == DType::F16; }
 
 int block_m_for(int64_t M) { return M <= 16 ? 16 : M <= 32 ? 32 : M <= 64 ? 64 : 128; }
+
+bool fits(int64_t smem_bytes, const DeviceInfo& d) {
+  return smem_bytes > 0 && (d.smem_per_block == 0 || smem_bytes <= d.smem_per_block);
+}
+
+// The token tile for M, halved until a block's shared memory fits the device (4-bit 128-token
+// tiles need ~110 KB: fine on sm_80 / sm_90, over the 99 KB of sm_86 / sm_89); 0 if none does.
+int fitting_block_m(int64_t M, const DeviceInfo& d, int (*smem)(int bits, int block_m), int bits) {
+  for (int bm = block_m_for(M); bm >= 16; bm /= 2) {
+    if (fits(smem(bits, bm), d)) return bm;
+  }
+  return 0;
+}
+
+int fwd_smem(int bits, int block_m) { return lut_mma_smem_bytes(bits, block_m, false); }
 
 // Small problems leave SMs idle: split the reduction until about two blocks per SM are in flight,
 // keeping at least two steps per split so each block still pipelines its loads.
@@ -46,9 +65,17 @@ int splits_for(int64_t tiles, int64_t steps, const DeviceInfo& d) {
 Plan mma_plan(const LutProblem& p, const DeviceInfo& d, const char* why) {
   Plan plan;
   plan.path = Path::Mma;
-  plan.block_m = block_m_for(p.M);
+  plan.block_m = fitting_block_m(p.M, d, &fwd_smem, p.bits);
   plan.splits = splits_for(ceil_div(p.N, kTileN) * ceil_div(p.M, plan.block_m), p.K / kTileK, d);
   plan.why = why;
+  return plan;
+}
+
+Plan mma_regs_plan(const LutProblem& p, const DeviceInfo& d, const char* why) {
+  Plan plan = mma_plan(p, d, why);
+  plan.path = Path::MmaRegs;
+  plan.block_m = p.M <= 16 ? 16 : 32;
+  plan.splits = splits_for(ceil_div(p.N, kTileN) * ceil_div(p.M, plan.block_m), p.K / kTileK, d);
   return plan;
 }
 
@@ -56,7 +83,7 @@ Plan mma_plan(const LutProblem& p, const DeviceInfo& d, const char* why) {
 Plan dx_mma_plan(const LutProblem& p, const DeviceInfo& d, const char* why) {
   Plan plan;
   plan.path = Path::Mma;
-  plan.block_m = block_m_for(p.M);
+  plan.block_m = fitting_block_m(p.M, d, &lut_dx_mma_smem_bytes, p.bits);
   plan.splits = splits_for(p.K / kTileN * ceil_div(p.M, plan.block_m), ceil_div(p.N, kTileK), d);
   plan.why = why;
   return plan;
@@ -84,12 +111,13 @@ const char* path_name(Path p) {
     case Path::Simple: return "simple";
     case Path::Mma: return "mma";
     case Path::DecodeGemm: return "decode_gemm";
+    case Path::MmaRegs: return "mma_regs";
   }
   return "?";
 }
 
 bool path_from_name(const char* name, Path* out) {
-  for (Path p : {Path::Auto, Path::Simple, Path::Mma, Path::DecodeGemm}) {
+  for (Path p : {Path::Auto, Path::Simple, Path::Mma, Path::DecodeGemm, Path::MmaRegs}) {
     if (std::strcmp(name, path_name(p)) == 0) {
       *out = p;
       return true;
@@ -110,9 +138,28 @@ bool mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, c
   else if ((p.K / p.G) % kTileK != 0) no = "mma needs a group size (in_features / groups) % 64 == 0";
   else if (c.act_ptr % 16 != 0) no = "mma needs 16-byte aligned activations";
   else if (c.codes_ptr % 4 != 0 || p.row_bytes % 4 != 0) no = "mma needs 4-byte aligned code rows";
-  else if (ceil_div(p.M, block_m_for(p.M)) > 65535) no = "mma grid: too many token tiles";
+  else if (fitting_block_m(p.M, d, &fwd_smem, p.bits) == 0) no = "mma: no tile fits the device's shared memory";
+  else if (ceil_div(p.M, fitting_block_m(p.M, d, &fwd_smem, p.bits)) > 65535) no = "mma grid: too many token tiles";
   if (why != nullptr && no != nullptr) *why = no;
   return no == nullptr;
+}
+
+bool mma_regs_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why) {
+  if (!mma_supports(p, c, d, why)) return false;
+  const char* no = nullptr;
+  if (p.M > kRegsMaxTokens) no = "mma_regs needs M <= 32";
+  else if (c.codes_ptr % 16 != 0) no = "mma_regs needs 16-byte aligned codes";
+  else if (!fits(lut_mma_smem_bytes(p.bits, p.M <= 16 ? 16 : 32, true), d)) no = "mma_regs: shared memory";
+  if (why != nullptr && no != nullptr) *why = no;
+  return no == nullptr;
+}
+
+MmaConfig mma_config(const Plan& plan) {
+  MmaConfig c;
+  c.block_m = plan.block_m;
+  c.splits = plan.splits;
+  c.regs = plan.path == Path::MmaRegs;
+  return c;
 }
 
 bool fast_decode_supports(const LutProblem& p, uintptr_t codes_ptr, uintptr_t out_ptr, const char** why) {
@@ -134,7 +181,8 @@ bool dx_mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d
   else if ((p.K / p.G) % kTileK != 0) no = "dx mma needs a group size % 64 == 0";
   else if (c.act_ptr % 16 != 0) no = "dx mma needs a 16-byte aligned dy";
   else if (c.codes_ptr % 4 != 0 || p.row_bytes % 4 != 0) no = "dx mma needs 4-byte aligned code rows";
-  else if (ceil_div(p.M, block_m_for(p.M)) > 65535) no = "dx mma grid: too many token tiles";
+  else if (fitting_block_m(p.M, d, &lut_dx_mma_smem_bytes, p.bits) == 0) no = "dx mma: no tile fits the device's shared memory";
+  else if (ceil_div(p.M, fitting_block_m(p.M, d, &lut_dx_mma_smem_bytes, p.bits)) > 65535) no = "dx mma grid: too many token tiles";
   if (why != nullptr && no != nullptr) *why = no;
   return no == nullptr;
 }
@@ -148,6 +196,7 @@ bool grad_mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo&
   else if (c.act_ptr % 16 != 0 || c.out_ptr % 16 != 0) no = "grad mma needs 16-byte aligned dy and x";
   else if (c.codes_ptr % 4 != 0 || p.row_bytes % 4 != 0) no = "grad mma needs 4-byte aligned code rows";
   else if (ceil_div(p.N, kTileN) > 65535) no = "grad mma grid: too many row tiles";
+  else if (!fits(lut_grad_mma_smem_bytes(p.bits), d)) no = "grad mma: no room in the device's shared memory";
   if (why != nullptr && no != nullptr) *why = no;
   return no == nullptr;
 }
@@ -166,14 +215,18 @@ Plan plan_lut_grad(const LutProblem& p, const CallInfo& c, const DeviceInfo& d) 
 namespace {
 
 // The rules shared by lut_linear and lut_linear_dx (the GEMMs over W or W^T): a forced path where
-// it supports the call, else mma up to kMmaMaxTokens, decode_gemm beyond it or where mma cannot run
-// once M is large enough, the simple kernels otherwise. mma_plan_fn gives the mma tiling.
-Plan plan_gemm(const LutProblem& p, const DeviceInfo& d, bool mma_ok, const char* mma_no, bool dec_ok,
+// it supports the call, else mma_regs for small M (forward only: regs_ok is false for dx), mma up
+// to kMmaMaxTokens, decode_gemm beyond it or where mma cannot run once M is large enough, the
+// simple kernels otherwise. mma_plan_fn gives the mma tiling.
+Plan plan_gemm(const LutProblem& p, const DeviceInfo& d, bool regs_ok, bool mma_ok, const char* mma_no, bool dec_ok,
                const char* dec_no, Plan (*mma_plan_fn)(const LutProblem&, const DeviceInfo&, const char*)) {
   switch (forced_path()) {
     case Path::Simple: return simple_plan("forced: simple");
     case Path::Mma:
       if (mma_ok) return mma_plan_fn(p, d, "forced: mma");
+      break;
+    case Path::MmaRegs:
+      if (regs_ok) return mma_regs_plan(p, d, "forced: mma_regs");
       break;
     case Path::DecodeGemm:
       if (dec_ok) return decode_plan("forced: decode_gemm");
@@ -181,6 +234,7 @@ Plan plan_gemm(const LutProblem& p, const DeviceInfo& d, bool mma_ok, const char
     case Path::Auto: break;
   }
   if (p.M > kMmaMaxTokens && dec_ok) return decode_plan("large M: decode once, cuBLAS GEMM");
+  if (regs_ok) return mma_regs_plan(p, d, "small M: fragments decoded in registers, tensor cores");
   if (mma_ok) return mma_plan_fn(p, d, "fused LUT gather-GEMM on tensor cores");
   if (p.M >= kDecodeMinTokens && dec_ok) return decode_plan(mma_no);
   return simple_plan(dec_ok ? mma_no : dec_no);
@@ -194,7 +248,20 @@ Plan plan_lut_linear(const LutProblem& p, const CallInfo& c, const DeviceInfo& d
   const char* dec_no = "";
   const bool mma_ok = mma_supports(p, c, d, &mma_no);
   const bool dec_ok = fast_decode_supports(p, c.codes_ptr, 0, &dec_no);
-  return plan_gemm(p, d, mma_ok, mma_no, dec_ok, dec_no, &mma_plan);
+  const bool regs_ok = mma_ok && mma_regs_supports(p, c, d, nullptr);
+  return plan_gemm(p, d, regs_ok, mma_ok, mma_no, dec_ok, dec_no, &mma_plan);
+}
+
+// A multi-adapter launch runs each adapter's tokens in their own blocks, so the variant and tile
+// follow the average segment, ceil(M / A) tokens, and the split counts every adapter's tiles.
+Plan plan_lut_linear_adapters(const LutProblem& p, int64_t adapters, const CallInfo& c, const DeviceInfo& d) {
+  LutProblem segment = p;
+  segment.M = ceil_div(p.M, adapters < 1 ? 1 : adapters);
+  Plan plan = plan_lut_linear(segment, c, d);
+  if (!is_mma(plan.path)) return plan;
+  if (ceil_div(p.M, plan.block_m) + adapters > 65535) return plan_lut_linear(p, c, d);
+  plan.splits = splits_for(ceil_div(p.N, kTileN) * ceil_div(segment.M, plan.block_m) * adapters, p.K / kTileK, d);
+  return plan;
 }
 
 Plan plan_lut_linear_dx(const LutProblem& p, const CallInfo& c, const DeviceInfo& d) {
@@ -202,7 +269,7 @@ Plan plan_lut_linear_dx(const LutProblem& p, const CallInfo& c, const DeviceInfo
   const char* dec_no = "";
   const bool mma_ok = dx_mma_supports(p, c, d, &mma_no);
   const bool dec_ok = fast_decode_supports(p, c.codes_ptr, 0, &dec_no);
-  return plan_gemm(p, d, mma_ok, mma_no, dec_ok, dec_no, &dx_mma_plan);
+  return plan_gemm(p, d, /*regs_ok=*/false, mma_ok, mma_no, dec_ok, dec_no, &dx_mma_plan);
 }
 
 }  // namespace spallm::cuda

@@ -6,6 +6,8 @@
 //   simple       lut_simple.cu: exact for every dtype and shape, CUDA cores, slow at large M.
 //   mma          lut_mma.cu: the fused gather-GEMM on tensor cores (bf16 / fp16 activations,
 //                sm_80+). Codes tiles are decoded through the LUT in shared memory, never to HBM.
+//   mma_regs     lut_mma.cu's small-M variant (M <= 32): each lane decodes its own mma fragments
+//                into registers, so the W tile never makes a round trip through shared memory.
 //   decode_gemm  lut_decode_fast.cu decodes W once into a workspace in the activation dtype, then
 //                cuBLAS multiplies (the "official SketchTune" strategy, done with a fast decoder).
 //                Compute-bound calls (large M) amortize the decode; fp32 gets cuBLAS's fp32 GEMM.
@@ -16,16 +18,20 @@
 
 namespace spallm::cuda {
 
-enum class Path : int { Auto = 0, Simple = 1, Mma = 2, DecodeGemm = 3 };
+enum class Path : int { Auto = 0, Simple = 1, Mma = 2, DecodeGemm = 3, MmaRegs = 4 };
+
+// Both forward tensor-core paths run lut_linear_mma (with MmaConfig::regs telling them apart).
+inline bool is_mma(Path p) { return p == Path::Mma || p == Path::MmaRegs; }
 
 const char* path_name(Path p);
-// "auto", "simple", "mma", "decode_gemm"; returns false for any other name.
+// "auto", "simple", "mma", "decode_gemm", "mma_regs"; returns false for any other name.
 bool path_from_name(const char* name, Path* out);
 
 struct DeviceInfo {
   int sm_count = 1;
   int major = 0;  // compute capability
   int minor = 0;
+  int64_t smem_per_block = 0;  // opt-in dynamic shared memory per block; 0: not known, not checked
 };
 
 // Everything about a call that the choice depends on besides the problem's sizes.
@@ -39,7 +45,7 @@ struct CallInfo {
 
 struct Plan {
   Path path = Path::Simple;
-  int block_m = 0;  // mma: tokens per block tile (16, 32, 64 or 128)
+  int block_m = 0;  // mma: tokens per block tile (16, 32, 64 or 128; mma_regs: 16 or 32)
   int splits = 1;   // mma: K split across blocks; > 1 needs an fp32 workspace [splits, M, N]
   const char* why = "";  // one line: why this path (tests and debugging read it)
 };
@@ -47,12 +53,18 @@ struct Plan {
 // Whether each fast kernel can run this problem at all (shape, dtype, alignment, arch); on false,
 // `why` says what rules it out.
 bool mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why);
+// mma_supports plus the register variant's own needs (M <= 32, 16-byte aligned codes).
+bool mma_regs_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why);
 bool fast_decode_supports(const LutProblem& p, uintptr_t codes_ptr, uintptr_t out_ptr, const char** why);
 
 bool dx_mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why);
 bool grad_mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why);
 
 Plan plan_lut_linear(const LutProblem& p, const CallInfo& c, const DeviceInfo& d);
+// lut_linear over a stack of `adapters` LUT sets in one launch (tokens grouped by adapter).
+Plan plan_lut_linear_adapters(const LutProblem& p, int64_t adapters, const CallInfo& c, const DeviceInfo& d);
+// The launch configuration of an mma / mma_regs plan.
+MmaConfig mma_config(const Plan& plan);
 // lut_grad: Mma (lut_grad_mma.cu) or Simple. c.act_ptr is dy; c.out_ptr carries x's address.
 Plan plan_lut_grad(const LutProblem& p, const CallInfo& c, const DeviceInfo& d);
 Plan plan_lut_linear_dx(const LutProblem& p, const CallInfo& c, const DeviceInfo& d);

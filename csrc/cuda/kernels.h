@@ -66,14 +66,29 @@ struct Segments {
   int64_t lut_stride = 0;
 };
 
-// y = x W^T (+ bias) on tensor cores with W decoded tile by tile in shared memory (lut_mma.cu).
+// How lut_linear_mma runs: tokens per block tile, K split across blocks, and the decode (dispatch.cpp
+// fills it from a Plan). regs = false: W tiles decoded into shared memory, block_m in
+// {16, 32, 64, 128}; regs = true: every lane decodes its own mma fragments into registers,
+// block_m in {16, 32}, codes 16-byte aligned.
+struct MmaConfig {
+  int block_m = 16;
+  int splits = 1;
+  bool regs = false;
+};
+
+// y = x W^T (+ bias) on tensor cores with W decoded on chip, never in HBM (lut_mma.cu).
 // act_type is BF16 or F16 and W is rounded to it, as a bf16/fp16 nn.Linear's weight would be;
-// fp32 accumulation. block_m in {16, 32, 64, 128}; with splits > 1 `workspace` holds
-// splits * M * N floats (partial sums, added in split order: deterministic). Needs mma_supports().
+// fp32 accumulation. With config.splits > 1 `workspace` holds splits * M * N floats (partial sums,
+// added in split order: deterministic). Needs mma_supports() (and mma_regs_supports() for regs).
 cudaError_t lut_linear_mma(const LutProblem& p, const void* x, DType act_type, const uint8_t* codes,
-                           const void* lut, DType lut_type, const void* bias, void* y, int block_m,
-                           int splits, float* workspace, const LowRank& lowrank, const Segments& segments,
-                           cudaStream_t stream);
+                           const void* lut, DType lut_type, const void* bias, void* y, const MmaConfig& config,
+                           float* workspace, const LowRank& lowrank, const Segments& segments, cudaStream_t stream);
+
+// Dynamic shared memory of one block of each tensor-core kernel, so that dispatch can keep within
+// the device's per-block limit (99 KB on sm_86 / sm_89 / sm_120, 227 KB on sm_90).
+int lut_mma_smem_bytes(int bits, int block_m, bool regs);
+int lut_dx_mma_smem_bytes(int bits, int block_m);
+int lut_grad_mma_smem_bytes(int bits);
 
 // dx = dy W on tensor cores, W decoded tile by tile in shared memory (lut_dx_mma.cu). act_type BF16
 // or F16; block_m and splits as in lut_linear_mma (the split runs over W's rows; workspace holds

@@ -117,7 +117,10 @@ lut_dx_mma_kernel(LutProblem p, const A* __restrict__ dy, const uint8_t* __restr
 #pragma unroll
     for (int i = 0; i < BITS; ++i) words[i] = cw[i];
     uint32_t packed[16];
-    decode32<BITS, A>(words, table(buf) + (quarter / 2) * S::kEntries * kBlockR + row, kBlockR, packed);
+    // Row (bits 2..7), then the scaled code (bits 8..), then the half and buffer offsets.
+    static_assert(S::kEntries * kBlockR * 4 == (kBlockR * 4) << BITS, "halves start above the code bits");
+    decode32<BITS, A, kBlockR>(words, table(0),
+                               row * 4 | ((quarter / 2) * S::kEntries * kBlockR + buf * S::kTableFloats) * 4, packed);
     store32(w_tile(buf), row, quarter * 4, packed);
   };
 
@@ -200,6 +203,18 @@ cudaError_t launch(const LutProblem& p, const A* dy, const uint8_t* codes, const
 }
 
 }  // namespace
+
+int lut_dx_mma_smem_bytes(int bits, int block_m) {
+  return SPALLM_DISPATCH_BITS(bits, [&]() -> int {
+    switch (block_m) {
+      case 16: return DxSmem<BITS, 16>::kBytes;
+      case 32: return DxSmem<BITS, 32>::kBytes;
+      case 64: return DxSmem<BITS, 64>::kBytes;
+      case 128: return DxSmem<BITS, 128>::kBytes;
+      default: return -1;
+    }
+  });
+}
 
 cudaError_t lut_linear_dx_mma(const LutProblem& p, const void* dy, DType act_type, const uint8_t* codes,
                               const void* lut, DType lut_type, void* dx, int block_m, int splits, float* workspace,

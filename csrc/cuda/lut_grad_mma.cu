@@ -209,6 +209,10 @@ cudaError_t launch(const LutProblem& p, const A* dy, const A* x, const uint8_t* 
 
 }  // namespace
 
+int lut_grad_mma_smem_bytes(int bits) {
+  return SPALLM_DISPATCH_BITS(bits, [&]() -> int { return GradSmem<BITS>::kBytes; });
+}
+
 cudaError_t lut_grad_mma(const LutProblem& p, const void* dy, const void* x, DType act_type, const uint8_t* codes,
                          float* dlut, float* workspace, cudaStream_t stream) {
   if (p.bits < 2 || p.bits > 4 || p.G < 1 || p.K % kBlockC != 0 || (p.K / p.G) % kBlockC != 0 || p.N % 8 != 0) {

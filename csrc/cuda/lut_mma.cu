@@ -22,9 +22,28 @@
 // A low-rank branch (spallm.lut_linear_lowrank: y += (x l1) l2) joins in the epilogue, where the
 // finished accumulators get bias + t[m, :] . l2[:, n] before their one rounding (in the split-K
 // reduction when K is split); t = x l1 is a skinny GEMM the caller runs first.
-// Multi-adapter batches (tokens grouped by adapter, Segments) run in the same launch: blockIdx.z
-// also walks the adapters, a block takes token tiles of its adapter's segment only and reads that
-// adapter's LUT; the codes tiles are shared through L2, so HBM still sees them about once.
+// Multi-adapter batches (tokens grouped by adapter, Segments) run in the same launch: blockIdx.y
+// walks the token tiles of every adapter's segment in turn, a block takes tokens of one adapter
+// only and reads that adapter's LUT; the codes tiles are shared through L2, so HBM still sees them
+// about once.
+//
+// Two ways to decode (same blocks, ring, split-K and epilogue; dispatch.cpp picks one):
+//   tile (lut_mma_kernel, any block_m): the block decodes the W tile into shared memory as above,
+//     then its warps read it back with ldmatrix. Shared-memory traffic per weight: a 4-byte
+//     lookup, a 2-byte store and a 2-byte ldmatrix read, about 1/15 clock per weight and SM, which
+//     is below the ~26 weights per clock and SM that the codes arrive at from HBM when M is small.
+//   regs (lut_mma_regs_kernel, block_m 16 or 32): every warp owns 16 rows and all tokens, so each
+//     lane decodes exactly its own A-fragment values into registers and nothing goes back through
+//     shared memory. Two choices make that conflict-free:
+//     * The order of k inside an mma is free (a permutation applied to both operands leaves the
+//       dot product alone), so lane (g, t) takes the 16 contiguous columns 16t..16t+15 of each
+//       64-column step, four per mma (16t+4q..16t+4q+3 in mma q) instead of the ISA's scattered
+//       2t, 2t+1, 2t+8, 2t+9: its codes are one 8 / 6 / 4-byte piece of each of its two rows, and
+//       its x values one 16-byte load per token row and half step.
+//     * Lane-private LUTs: lane l keeps the LUTs of its rows g and g+8 in column l of a
+//       [warp][2 * 2^BITS][32] fp32 table, so the 32 lookups of a warp hit 32 banks whatever the
+//       codes, and a lane only reads what it wrote itself (no barrier around refills).
+//     One 4-byte lookup per weight is then the whole shared-memory cost of the decode.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -43,6 +62,97 @@ constexpr int kThreads = 256;
 constexpr int kBlockN = 128;
 constexpr int kBlockK = 64;
 static_assert(kThreads == 2 * kBlockN, "decode: two threads (32 columns each) per row of the tile");
+
+// ---- Shared by both kernels ----------------------------------------------------------------
+
+// Where a block works: rows [n0, n0 + 128) of W, tokens [m0, m0 + block_m) clipped to its adapter's
+// segment [.., m_end), K-steps [step_begin, step_begin + nsteps) of its split.
+struct BlockWork {
+  int64_t n0, m0, m_end, lut_offset, step_begin, steps_per_group;
+  int split, nsteps;
+};
+
+template <int BM>
+__device__ __forceinline__ BlockWork block_work(const LutProblem& p, int splits, const Segments& seg) {
+  BlockWork b;
+  b.split = blockIdx.z;
+  b.n0 = int64_t(blockIdx.x) * kBlockN;
+  b.m0 = int64_t(blockIdx.y) * BM;
+  b.m_end = p.M;
+  b.lut_offset = 0;
+  if (seg.offsets != nullptr) {
+    // blockIdx.y numbers the token tiles of all adapters one after another: adapter a has
+    // ceil(len_a / BM) of them, so the grid needs at most ceil(M / BM) + A rows of blocks and only
+    // the few left over (m0 >= m_end below) have no work. Every thread walks the offsets (cached
+    // broadcast loads), so the outcome is block-uniform and comes before any barrier.
+    int64_t tile = blockIdx.y;
+    b.m0 = b.m_end = 0;
+    for (int64_t a = 0; a < seg.count; ++a) {
+      const int64_t begin = seg.offsets[a], end = seg.offsets[a + 1];
+      const int64_t tiles = (end - begin + BM - 1) / BM;
+      if (tile < tiles) {
+        b.m0 = begin + tile * BM;
+        b.m_end = end;
+        b.lut_offset = a * seg.lut_stride;
+        break;
+      }
+      tile -= tiles;
+    }
+  }
+  const int64_t steps_total = p.K / kBlockK;
+  b.steps_per_group = p.K / p.G / kBlockK;
+  b.step_begin = steps_total * b.split / splits;
+  b.nsteps = static_cast<int>(steps_total * (b.split + 1) / splits - b.step_begin);
+  return b;
+}
+
+// x[m0 .. m0 + BM, step's 64 columns] into a swizzled tile, tokens past m_end zero-filled.
+template <int BM, typename A>
+__device__ __forceinline__ void load_x_tile(const SwizzledTile64& xt, const A* x, const LutProblem& p,
+                                            const BlockWork& b, int64_t step, int tid) {
+  for (int i = tid; i < BM * SwizzledTile64::kUnits; i += kThreads) {
+    const int tok = i / SwizzledTile64::kUnits, u = i % SwizzledTile64::kUnits;
+    const int64_t m = b.m0 + tok;
+    const bool ok = m < b.m_end;
+    cp_async<16>(xt.unit(tok, u), ok ? x + m * p.K + step * kBlockK + u * 8 : x, ok);
+  }
+}
+
+// A warp's TN x TM accumulator tiles, rows from row0 and tokens from tok0: lane (g, t) holds rows
+// g, g+8 and tokens 2t, 2t+1 of each mma tile. Without split-K they get bias and the low-rank term
+// and are rounded once into y; with it they go to the split's fp32 slice of the workspace.
+template <typename A, int TN, int TM>
+__device__ __forceinline__ void store_accumulators(const float (&acc)[TN][TM][4], const LutProblem& p,
+                                                   const BlockWork& b, int64_t row0, int64_t tok0, int lane,
+                                                   const A* bias, A* y, float* workspace, int splits,
+                                                   const LowRank& lowrank) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int i = 0; i < TN; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n = row0 + i * 16 + g + h * 8;
+      if (n >= p.N) continue;
+      const float bn = (splits == 1 && bias != nullptr) ? to_float(bias[n]) : 0.f;
+#pragma unroll
+      for (int j = 0; j < TM; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t m = tok0 + j * 8 + 2 * t + e;
+          if (m >= b.m_end) continue;
+          const float v = acc[i][j][h * 2 + e];
+          if (splits == 1) {
+            y[m * p.N + n] = from_float<A>(v + bn + low_rank_term(lowrank, m, n, p.N));
+          } else {
+            workspace[(b.split * p.M + m) * p.N + n] = v;
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- tile: W decoded into shared memory, read back with ldmatrix ----------------------------
 
 template <int BITS, int BM>
 struct Smem {
@@ -71,20 +181,8 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
   using S = Smem<BITS, BM>;
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int split = blockIdx.z % splits;
-  const int64_t adapter = blockIdx.z / splits;
-  // Token rows [m_begin, m_end) belong to this block's adapter; the grid has tiles for the largest
-  // possible segment, so blocks past the end of theirs leave at once (block-uniform, before any
-  // barrier).
-  const int64_t m_begin = seg.offsets != nullptr ? seg.offsets[adapter] : 0;
-  const int64_t m_end = seg.offsets != nullptr ? seg.offsets[adapter + 1] : p.M;
-  const int64_t n0 = int64_t(blockIdx.x) * kBlockN, m0 = m_begin + int64_t(blockIdx.y) * BM;
-  if (m0 >= m_end) return;
-  const int64_t lut_offset = adapter * seg.lut_stride;
-
-  const int64_t steps_total = p.K / kBlockK, steps_per_group = p.K / p.G / kBlockK;
-  const int64_t step_begin = steps_total * split / splits, step_end = steps_total * (split + 1) / splits;
-  const int nsteps = static_cast<int>(step_end - step_begin);
+  const BlockWork b = block_work<BM>(p, splits, seg);
+  if (b.m0 >= b.m_end) return;
   const int64_t code_step_bytes = kBlockK * BITS / 8;
 
   auto x_tile = [&](int stage) { return SwizzledTile64{smem + S::kX + stage * S::kXBytes}; };
@@ -98,19 +196,12 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
     uint32_t* ct = code_tile(stage);
     for (int i = tid; i < kBlockN * S::kCodeWords; i += kThreads) {
       const int row = i / S::kCodeWords, word = i % S::kCodeWords;
-      const int64_t n = n0 + row;
+      const int64_t n = b.n0 + row;
       const bool ok = n < p.N;
       const uint8_t* src = ok ? codes + n * p.row_bytes + step * code_step_bytes + word * 4 : codes;
       cp_async<4>(ct + row * S::kCodeStride + word, src, ok);
     }
-    const SwizzledTile64 xt = x_tile(stage);
-    for (int i = tid; i < BM * SwizzledTile64::kUnits; i += kThreads) {
-      const int tok = i / SwizzledTile64::kUnits, u = i % SwizzledTile64::kUnits;
-      const int64_t m = m0 + tok;
-      const bool ok = m < m_end;
-      const A* src = ok ? x + m * p.K + step * kBlockK + u * 8 : x;
-      cp_async<16>(xt.unit(tok, u), src, ok);
-    }
+    load_x_tile<BM>(x_tile(stage), x, p, b, step, tid);
   };
 
   // The LUTs of group g for the tile's rows, transposed to [entry][row]; rows past N read as 0.
@@ -118,8 +209,8 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
     float* t = table(buf);
     for (int i = tid; i < S::kTableFloats; i += kThreads) {
       const int e = i / kBlockN, row = i % kBlockN;
-      const int64_t n = n0 + row;
-      t[i] = n < p.N ? load_float(lut, lut_type, lut_offset + (n * p.G + g) * S::kEntries + e) : 0.f;
+      const int64_t n = b.n0 + row;
+      t[i] = n < p.N ? load_float(lut, lut_type, b.lut_offset + (n * p.G + g) * S::kEntries + e) : 0.f;
     }
   };
 
@@ -130,7 +221,9 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
 #pragma unroll
     for (int i = 0; i < BITS; ++i) words[i] = cw[i];
     uint32_t packed[16];
-    decode32<BITS, A>(words, table(tbuf) + row, kBlockN, packed);
+    // Row (bits 2..8) and buffer (bit BITS + 9) offsets sit around the scaled code (bits 9..).
+    static_assert(S::kTableFloats * 4 == (kBlockN * 4) << BITS, "table buffers start above the code bits");
+    decode32<BITS, A, kBlockN>(words, table(0), row * 4 | tbuf * S::kTableFloats * 4, packed);
     store32(w_tile(buf), row, half * 4, packed);
   };
 
@@ -141,25 +234,25 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
 #pragma unroll
     for (int kk = 0; kk < kBlockK; kk += 16) {
       uint32_t a[C::TN][4];
-      uint32_t b[C::TM][2];
+      uint32_t bf[C::TM][2];
 #pragma unroll
       for (int i = 0; i < C::TN; ++i) {
         ldmatrix_x4(a[i], wt.at(wn * C::kWarpRows + i * 16 + lane % 16, kk + (lane / 16) * 8));
       }
-      load_token_fragments<C::TM>(xt, wm * C::kWarpTokens, kk, lane, b);
-      mma_tiles<A>(acc, a, b);
+      load_token_fragments<C::TM>(xt, wm * C::kWarpTokens, kk, lane, bf);
+      mma_tiles<A>(acc, a, bf);
     }
   };
 
-  ring_prologue<C::kStages>(nsteps, step_begin, load_stage);
+  ring_prologue<C::kStages>(b.nsteps, b.step_begin, load_stage);
   int64_t table_group = -1;
   int tbuf = 1;
-  for (int it = 0; it < nsteps; ++it) {
+  for (int it = 0; it < b.nsteps; ++it) {
     const int stage = it % C::kStages;
     cp_async_wait<C::kStages - 2>();
     // Groups advance by at most one per K-step (group size is a multiple of kBlockK), and every
     // thread has finished decode(it - 1) (barrier below), so the other table buffer is free.
-    const int64_t g = (step_begin + it) / steps_per_group;
+    const int64_t g = (b.step_begin + it) / b.steps_per_group;
     if (g != table_group) {
       tbuf ^= 1;
       fill_table(tbuf, g);
@@ -170,49 +263,185 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
     __syncthreads();  // W tile complete
     mma_step(it & 1, stage);
     const int next = it + C::kStages - 1;
-    if (next < nsteps) load_stage(next % C::kStages, step_begin + next);
+    if (next < b.nsteps) load_stage(next % C::kStages, b.step_begin + next);
     cp_async_commit();
   }
   cp_async_wait<0>();
+  store_accumulators<A>(acc, p, b, b.n0 + wn * C::kWarpRows, b.m0 + wm * C::kWarpTokens, lane, bias, y, workspace,
+                        splits, lowrank);
+}
 
-  // Epilogue: lane (g, t) holds rows g, g+8 and tokens 2t, 2t+1 of each mma tile.
-  const int g = lane / 4, t = lane % 4;
-#pragma unroll
-  for (int i = 0; i < C::TN; ++i) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t n = n0 + wn * C::kWarpRows + i * 16 + g + h * 8;
-      if (n >= p.N) continue;
-      const float b = (splits == 1 && bias != nullptr) ? to_float(bias[n]) : 0.f;
-#pragma unroll
-      for (int j = 0; j < C::TM; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int64_t m = m0 + wm * C::kWarpTokens + j * 8 + 2 * t + e;
-          if (m >= m_end) continue;
-          const float v = acc[i][j][h * 2 + e];
-          if (splits == 1) {
-            y[m * p.N + n] = from_float<A>(v + b + low_rank_term(lowrank, m, n, p.N));
-          } else {
-            workspace[(split * p.M + m) * p.N + n] = v;
-          }
-        }
-      }
-    }
+// ---- regs: each lane decodes its own A fragments (block_m 16 or 32) -------------------------
+
+template <int BITS, int BM>
+struct RegsSmem {
+  static_assert(BM == 16 || BM == 32, "every warp owns 16 rows and all tokens");
+  static constexpr int kStages = 4;
+  static constexpr int kEntries = 1 << BITS;
+  static constexpr int kCodeRowBytes = kBlockK * BITS / 8;  // 32 / 24 / 16 bytes per row and K-step
+  static constexpr int kCopyBytes = kCodeRowBytes % 16 == 0 ? 16 : 8;
+  static constexpr int kXBytes = BM * SwizzledTile64::kRowBytes;
+  static constexpr int kCodeBytes = kBlockN * kCodeRowBytes;
+  static constexpr int kLaneLut = 2 * kEntries;  // floats per lane: rows g and g + 8
+  static constexpr int kTableBytes = kThreads * kLaneLut * 4;
+  static constexpr int kX = 0;
+  static constexpr int kCodes = kX + kStages * kXBytes;
+  static constexpr int kTable = kCodes + kStages * kCodeBytes;
+  static constexpr int kBytes = kTable + kTableBytes;
+};
+
+// The 16 codes of columns 16t..16t+15 of one row's K-step (`row`: its kCodeRowBytes bytes in
+// shared memory), as bytes 0.. of w in the canonical layout: 8 bytes at 8t (4-bit), 4 at 4t
+// (2-bit), or 6 at 6t (3-bit: two 8-column bit-plane chunks; 6t is word aligned for even t only,
+// so odd t shifts two words down by 16 bits).
+template <int BITS>
+__device__ __forceinline__ void lane_codes(const uint8_t* row, int t, uint32_t (&w)[2]) {
+  if constexpr (BITS == 4) {
+    const uint2 v = *reinterpret_cast<const uint2*>(row + 8 * t);
+    w[0] = v.x;
+    w[1] = v.y;
+  } else if constexpr (BITS == 2) {
+    w[0] = *reinterpret_cast<const uint32_t*>(row + 4 * t);
+    w[1] = 0;
+  } else {
+    const uint32_t* r = reinterpret_cast<const uint32_t*>(row) + (3 * t) / 2;
+    const uint32_t lo = r[0], hi = r[1];
+    const int shift = (t & 1) * 16;
+    w[0] = __funnelshift_r(lo, hi, shift);
+    w[1] = hi >> shift;
   }
 }
 
 template <int BITS, typename A, int BM>
+__global__ void __launch_bounds__(kThreads, 2)
+lut_mma_regs_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict__ codes,
+                    const void* __restrict__ lut, DType lut_type, const A* __restrict__ bias,
+                    A* __restrict__ y, float* __restrict__ workspace, int splits, LowRank lowrank, Segments seg) {
+  using S = RegsSmem<BITS, BM>;
+  constexpr int TM = BM / 8;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const BlockWork b = block_work<BM>(p, splits, seg);
+  if (b.m0 >= b.m_end) return;
+
+  auto x_tile = [&](int stage) { return SwizzledTile64{smem + S::kX + stage * S::kXBytes}; };
+  auto code_tile = [&](int stage) { return smem + S::kCodes + stage * S::kCodeBytes; };
+  // Lane-private LUT column: value k (row g + 8 * (k / 2^BITS), entry k % 2^BITS) at float
+  // 32 k + lane of the warp's [2 * 2^BITS][32] slice. The lane and warp offsets stay below and above
+  // the scaled code's bits (7 .. 6 + BITS; row g + 8 is bit BITS + 7), as lookup() needs.
+  float* const lut_table = reinterpret_cast<float*>(smem + S::kTable);
+  const uint32_t lut_lane_bytes = (warp * S::kLaneLut * 32 + lane) * 4;
+  static_assert(S::kLaneLut * 32 * 4 == 256 << BITS, "warp slices start above the code and row bits");
+  float* const lut_col = lut_table + warp * S::kLaneLut * 32 + lane;
+
+  auto load_stage = [&](int stage, int64_t step) {
+    constexpr int kCopies = S::kCodeRowBytes / S::kCopyBytes;
+    uint8_t* ct = code_tile(stage);
+    for (int i = tid; i < kBlockN * kCopies; i += kThreads) {
+      const int row = i / kCopies, part = i % kCopies;
+      const int64_t n = b.n0 + row;
+      const bool ok = n < p.N;
+      const uint8_t* src = ok ? codes + n * p.row_bytes + step * S::kCodeRowBytes + part * S::kCopyBytes : codes;
+      cp_async<S::kCopyBytes>(ct + row * S::kCodeRowBytes + part * S::kCopyBytes, src, ok);
+    }
+    load_x_tile<BM>(x_tile(stage), x, p, b, step, tid);
+  };
+
+  // Group changes: the next group's LUT values are loaded into registers one step ahead (their
+  // latency hides behind that step's mma) and written to the lane's column when the group starts.
+  float next_lut[S::kLaneLut];
+  auto fetch_luts = [&](int64_t group) {
+#pragma unroll
+    for (int k = 0; k < S::kLaneLut; ++k) {
+      const int64_t n = b.n0 + warp * 16 + g + 8 * (k / S::kEntries);
+      next_lut[k] = n < p.N ? load_float(lut, lut_type, b.lut_offset + (n * p.G + group) * S::kEntries + k % S::kEntries)
+                            : 0.f;
+    }
+  };
+  auto store_luts = [&] {
+#pragma unroll
+    for (int k = 0; k < S::kLaneLut; ++k) lut_col[32 * k] = next_lut[k];
+  };
+
+  float acc[1][TM][4] = {};
+  auto decode_mma = [&](int stage) {
+    const uint8_t* rows = code_tile(stage) + (warp * 16 + g) * S::kCodeRowBytes;
+    uint32_t w0[2], w1[2];
+    lane_codes<BITS>(rows, t, w0);
+    lane_codes<BITS>(rows + 8 * S::kCodeRowBytes, t, w1);
+    // Entries of a lane's column lie 32 floats (128 bytes) apart, row g + 8's 2^BITS entries on.
+    auto weight = [&](const uint32_t(&w)[2], int half, int i) {
+      return lookup<BITS, 7>(lut_table + 32 * half * S::kEntries, lut_lane_bytes, w, i);
+    };
+    const SwizzledTile64 xt = x_tile(stage);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // Token g of each n8 tile, columns 16t + 8h .. +7: the B fragments of mmas 2h and 2h + 1.
+      uint4 xv[TM];
+#pragma unroll
+      for (int j = 0; j < TM; ++j) xv[j] = *reinterpret_cast<const uint4*>(xt.at(j * 8 + g, 16 * t + 8 * h));
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int i = 8 * h + 4 * q;  // the lane's columns i..i+3 (of its 16) in this mma
+        const uint32_t a[4] = {pack2<A>(weight(w0, 0, i), weight(w0, 0, i + 1)),
+                               pack2<A>(weight(w1, 1, i), weight(w1, 1, i + 1)),
+                               pack2<A>(weight(w0, 0, i + 2), weight(w0, 0, i + 3)),
+                               pack2<A>(weight(w1, 1, i + 2), weight(w1, 1, i + 3))};
+#pragma unroll
+        for (int j = 0; j < TM; ++j) {
+          const uint32_t bf[2] = {q == 0 ? xv[j].x : xv[j].z, q == 0 ? xv[j].y : xv[j].w};
+          mma_16816<A>(acc[0][j], a, bf);
+        }
+      }
+    }
+  };
+
+  ring_prologue<S::kStages>(b.nsteps, b.step_begin, load_stage);
+  if (b.nsteps > 0) {
+    fetch_luts(b.step_begin / b.steps_per_group);
+    store_luts();
+  }
+  for (int it = 0; it < b.nsteps; ++it) {
+    const int stage = it % S::kStages;
+    const int64_t step = b.step_begin + it;
+    cp_async_wait<S::kStages - 2>();
+    // One barrier per step: this stage has landed for everyone, and every warp is done with the
+    // stage that the load below refills (read in step it - 1).
+    __syncthreads();
+    if (it > 0 && step % b.steps_per_group == 0) store_luts();
+    if (it + 1 < b.nsteps && (step + 1) % b.steps_per_group == 0) fetch_luts((step + 1) / b.steps_per_group);
+    decode_mma(stage);
+    const int next = it + S::kStages - 1;
+    if (next < b.nsteps) load_stage(next % S::kStages, b.step_begin + next);
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+  store_accumulators<A>(acc, p, b, b.n0 + warp * 16, b.m0, lane, bias, y, workspace, splits, lowrank);
+}
+
+// ---- launch --------------------------------------------------------------------------------
+
+template <int BITS, typename A, int BM, bool REGS>
 cudaError_t launch(const LutProblem& p, const A* x, const uint8_t* codes, const void* lut, DType lut_type,
                    const A* bias, A* y, int splits, float* workspace, const LowRank& lowrank, const Segments& seg,
                    cudaStream_t stream) {
-  using S = Smem<BITS, BM>;
-  auto kernel = lut_mma_kernel<BITS, A, BM>;
-  cudaError_t err = allow_smem<S>(kernel, S::kBytes);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kBlockN)), static_cast<unsigned>(ceil_div(p.M, BM)),
-                  static_cast<unsigned>(splits * seg.count));
-  kernel<<<grid, kThreads, S::kBytes, stream>>>(p, x, codes, lut, lut_type, bias, y, workspace, splits, lowrank, seg);
+  cudaError_t err;
+  const int64_t token_tiles = ceil_div(p.M, BM) + (seg.offsets != nullptr ? seg.count : 0);
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kBlockN)), static_cast<unsigned>(token_tiles),
+                  static_cast<unsigned>(splits));
+  if constexpr (REGS) {
+    using S = RegsSmem<BITS, BM>;
+    auto kernel = lut_mma_regs_kernel<BITS, A, BM>;
+    err = allow_smem<S>(kernel, S::kBytes);
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, kThreads, S::kBytes, stream>>>(p, x, codes, lut, lut_type, bias, y, workspace, splits, lowrank, seg);
+  } else {
+    using S = Smem<BITS, BM>;
+    auto kernel = lut_mma_kernel<BITS, A, BM>;
+    err = allow_smem<S>(kernel, S::kBytes);
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, kThreads, S::kBytes, stream>>>(p, x, codes, lut, lut_type, bias, y, workspace, splits, lowrank, seg);
+  }
   err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
   const int64_t total = p.M * p.N;
@@ -222,36 +451,58 @@ cudaError_t launch(const LutProblem& p, const A* x, const uint8_t* codes, const 
 }
 
 template <int BITS, typename A>
-cudaError_t launch_bm(int block_m, const LutProblem& p, const A* x, const uint8_t* codes, const void* lut,
-                      DType lut_type, const A* bias, A* y, int splits, float* workspace, const LowRank& lr,
-                      const Segments& seg, cudaStream_t stream) {
+cudaError_t launch_config(int block_m, bool regs, const LutProblem& p, const A* x, const uint8_t* codes,
+                          const void* lut, DType lut_type, const A* bias, A* y, int splits, float* workspace,
+                          const LowRank& lr, const Segments& seg, cudaStream_t stream) {
+  if (regs) {
+    switch (block_m) {
+      case 16: return launch<BITS, A, 16, true>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
+      case 32: return launch<BITS, A, 32, true>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  }
   switch (block_m) {
-    case 16: return launch<BITS, A, 16>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
-    case 32: return launch<BITS, A, 32>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
-    case 64: return launch<BITS, A, 64>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
-    case 128: return launch<BITS, A, 128>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
+    case 16: return launch<BITS, A, 16, false>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
+    case 32: return launch<BITS, A, 32, false>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
+    case 64: return launch<BITS, A, 64, false>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
+    case 128: return launch<BITS, A, 128, false>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
 }  // namespace
 
+int lut_mma_smem_bytes(int bits, int block_m, bool regs) {
+  return SPALLM_DISPATCH_BITS(bits, [&]() -> int {
+    if (regs) return block_m == 16 ? RegsSmem<BITS, 16>::kBytes : block_m == 32 ? RegsSmem<BITS, 32>::kBytes : -1;
+    switch (block_m) {
+      case 16: return Smem<BITS, 16>::kBytes;
+      case 32: return Smem<BITS, 32>::kBytes;
+      case 64: return Smem<BITS, 64>::kBytes;
+      case 128: return Smem<BITS, 128>::kBytes;
+      default: return -1;
+    }
+  });
+}
+
 cudaError_t lut_linear_mma(const LutProblem& p, const void* x, DType act_type, const uint8_t* codes,
-                           const void* lut, DType lut_type, const void* bias, void* y, int block_m,
-                           int splits, float* workspace, const LowRank& lowrank, const Segments& segments,
-                           cudaStream_t stream) {
+                           const void* lut, DType lut_type, const void* bias, void* y, const MmaConfig& config,
+                           float* workspace, const LowRank& lowrank, const Segments& segments, cudaStream_t stream) {
+  const int splits = config.splits;
   if (p.bits < 2 || p.bits > 4 || p.G < 1 || p.K % kBlockK != 0 || (p.K / p.G) % kBlockK != 0 || splits < 1 ||
       (splits > 1 && workspace == nullptr) || (lowrank.t != nullptr && (lowrank.l2 == nullptr || lowrank.rank < 1)) ||
-      segments.count < 1 || splits * segments.count > 65535) {
+      segments.count < 1 || splits > 65535 ||
+      ceil_div(p.M, config.block_m) + (segments.offsets != nullptr ? segments.count : 0) > 65535 ||
+      (config.regs && reinterpret_cast<uintptr_t>(codes) % 16 != 0)) {
     return cudaErrorInvalidValue;
   }
   if (p.M == 0 || p.N == 0) return cudaSuccess;
   auto run = [&](auto tag) {
     using A = typename decltype(tag)::type;
     return SPALLM_DISPATCH_BITS(p.bits, [&] {
-      return launch_bm<BITS, A>(block_m, p, static_cast<const A*>(x), codes, lut, lut_type,
-                                static_cast<const A*>(bias), static_cast<A*>(y), splits, workspace, lowrank, segments,
-                                stream);
+      return launch_config<BITS, A>(config.block_m, config.regs, p, static_cast<const A*>(x), codes, lut, lut_type,
+                                    static_cast<const A*>(bias), static_cast<A*>(y), splits, workspace, lowrank,
+                                    segments, stream);
     });
   };
   return dispatch_half(act_type, run);

@@ -13,19 +13,52 @@
 
 namespace spallm::cuda {
 
+__host__ __device__ constexpr int log2_exact(int v) { return v <= 1 ? 0 : 1 + log2_exact(v / 2); }
+
+// Byte offset code_i * (1 << SHIFT) of code i of a row piece held as little-endian words (bytes
+// 0.. of `w` in the canonical layout, csrc/codes.h), for a table whose entries lie 1 << SHIFT bytes
+// apart. With i a compile-time constant, 2- and 4-bit codes cost one shift and one mask: the
+// code is moved straight to its scaled position instead of being extracted and then multiplied.
+template <int BITS, int SHIFT, int WORDS>
+__host__ __device__ __forceinline__ uint32_t code_offset(const uint32_t (&w)[WORDS], int i) {
+  if constexpr (BITS == 3) {
+    return static_cast<uint32_t>(code_from<3>(RegisterBytes{w}, i)) << SHIFT;
+  } else {
+    constexpr int kPerByte = 8 / BITS, kPerWord = 32 / BITS;
+    const int k = i % kPerWord;
+    // Byte k / kPerByte of the word, most significant code first inside the byte.
+    const int bit = 8 * (k / kPerByte) + BITS * (kPerByte - 1 - k % kPerByte);
+    const uint32_t word = w[i / kPerWord];
+    constexpr uint32_t kMask = ((1u << BITS) - 1) << SHIFT;
+    return (bit >= SHIFT ? word >> (bit - SHIFT) : word << (SHIFT - bit)) & kMask;
+  }
+}
+
+// The table value of code i, for a table at `base` whose entries lie 1 << SHIFT bytes apart.
+// `lane_bytes` (the caller's row, lane and buffer offsets) must share no bit with the scaled code
+// (bits SHIFT .. SHIFT + BITS - 1), so an OR adds it: with `base` a compile-time shared-memory
+// offset, a lookup is then one shift, one LOP3 (mask and OR) and the load.
+template <int BITS, int SHIFT, int WORDS>
+__device__ __forceinline__ float lookup(const float* base, uint32_t lane_bytes, const uint32_t (&w)[WORDS], int i) {
+  return *reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(base) +
+                                         (code_offset<BITS, SHIFT>(w, i) | lane_bytes));
+}
+
 // 32 consecutive codes of one row, held as BITS 32-bit words (the packed row's bytes from the
-// thread's first column on), decoded through `table`: the row's LUT entries for the current group,
-// entry e at table[e * stride] (a transposed [entry][row] table, so the lanes of a warp, which own
-// consecutive rows, read 32 different banks whatever their codes). Result: 16 registers of T pairs,
-// column 2i in the low half of register i.
-template <int BITS, typename T>
-__device__ __forceinline__ void decode32(const uint32_t (&words)[BITS], const float* table, int stride,
+// thread's first column on), decoded through a transposed [entry][row] LUT table, entry e of the
+// thread's row at byte e * STRIDE * 4 + lane_bytes from `base` (lane_bytes: the row's 4 * row plus
+// any buffer offset, all bits apart from the scaled code's, see lookup). The lanes of a warp own
+// consecutive rows, so a lookup's 32 addresses fall in 32 banks whatever the codes. Result: 16
+// registers of T pairs, column 2i in the low half of register i.
+template <int BITS, typename T, int STRIDE>
+__device__ __forceinline__ void decode32(const uint32_t (&words)[BITS], const float* base, uint32_t lane_bytes,
                                          uint32_t (&packed)[16]) {
+  static_assert(STRIDE > 0 && (STRIDE & (STRIDE - 1)) == 0, "a power-of-two table stride");
+  constexpr int kShift = log2_exact(STRIDE * 4);
 #pragma unroll
   for (int i = 0; i < 16; ++i) {
-    const float lo = table[code_from<BITS>(RegisterBytes{words}, 2 * i) * stride];
-    const float hi = table[code_from<BITS>(RegisterBytes{words}, 2 * i + 1) * stride];
-    packed[i] = pack2<T>(lo, hi);
+    packed[i] = pack2<T>(lookup<BITS, kShift>(base, lane_bytes, words, 2 * i),
+                         lookup<BITS, kShift>(base, lane_bytes, words, 2 * i + 1));
   }
 }
 

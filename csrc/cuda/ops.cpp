@@ -32,6 +32,7 @@ cuda::DeviceInfo device_info(const at::Device& device) {
   d.sm_count = prop->multiProcessorCount;
   d.major = prop->major;
   d.minor = prop->minor;
+  d.smem_per_block = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
   return d;
 }
 
@@ -114,12 +115,12 @@ at::Tensor lut_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const a
   } else {
     y = at::empty({xc.size(0), s.N}, x.options());
     const void* bias_ptr = bc.defined() ? bc.const_data_ptr() : nullptr;
-    if (plan.path == cuda::Path::Mma) {
+    if (cuda::is_mma(plan.path)) {
       at::Tensor ws;
       if (plan.splits > 1) ws = at::empty({plan.splits * p.M * p.N}, x.options().dtype(at::kFloat));
       C10_CUDA_CHECK(cuda::lut_linear_mma(p, xc.const_data_ptr(), act, codes.const_data_ptr<uint8_t>(),
                                           lut.const_data_ptr(), lut_type, bias_ptr, y.mutable_data_ptr(),
-                                          plan.block_m, plan.splits,
+                                          cuda::mma_config(plan),
                                           ws.defined() ? ws.mutable_data_ptr<float>() : nullptr, cuda::LowRank{},
                                           cuda::Segments{}, stream));
     } else {
@@ -165,8 +166,11 @@ at::Tensor lut_linear_dx_cuda(const at::Tensor& dy, const at::Tensor& codes, con
 }
 
 at::Tensor lut_grad_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& codes,
-                         int64_t groups_per_row, int64_t num_entries, bool deterministic) {
+                         int64_t groups_per_row, int64_t num_entries, bool deterministic_arg) {
   constexpr const char* op = "spallm.lut_grad";
+  // torch.use_deterministic_algorithms(True) holds for direct op calls too, not only for callers
+  // that pass the flag through (spallm_ext.ops does).
+  const bool deterministic = deterministic_arg || at::globalContext().deterministicAlgorithms();
   const LutShape s = check_codes_groups(op, codes, groups_per_row, num_entries);
   check_activation(op, "dy", dy, s.N, /*allow_double=*/false);
   check_activation(op, "x", x, s.K, /*allow_double=*/false);
@@ -247,14 +251,14 @@ at::Tensor lut_linear_lowrank_cuda(const at::Tensor& x, const at::Tensor& codes,
   const cuda::CallInfo call = call_info(act, lut_type, address(xc), codes);
   const cuda::Plan plan = cuda::plan_lut_linear(p, call, device_info(x.device()));
   const bool half = act != cuda::DType::F32;
-  if (p.M == 0 || !(plan.path == cuda::Path::Mma || (plan.path == cuda::Path::DecodeGemm && half))) {
+  if (p.M == 0 || !(cuda::is_mma(plan.path) || (plan.path == cuda::Path::DecodeGemm && half))) {
     return lut_linear_lowrank_composite(x, codes, lut, l1, l2, bias);
   }
   t_last_plan = plan;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor y;
-  if (plan.path == cuda::Path::Mma) {
+  if (cuda::is_mma(plan.path)) {
     const at::Tensor t = at::mm(xc.to(at::kFloat), l1.to(at::kFloat));  // [M, rank]
     const at::Tensor l2f = l2.to(at::kFloat).contiguous();
     cuda::LowRank lr;
@@ -266,7 +270,7 @@ at::Tensor lut_linear_lowrank_cuda(const at::Tensor& x, const at::Tensor& codes,
     if (plan.splits > 1) ws = at::empty({plan.splits * p.M * p.N}, x.options().dtype(at::kFloat));
     C10_CUDA_CHECK(cuda::lut_linear_mma(p, xc.const_data_ptr(), act, codes.const_data_ptr<uint8_t>(),
                                         lut.const_data_ptr(), lut_type, bc.defined() ? bc.const_data_ptr() : nullptr,
-                                        y.mutable_data_ptr(), plan.block_m, plan.splits,
+                                        y.mutable_data_ptr(), cuda::mma_config(plan),
                                         ws.defined() ? ws.mutable_data_ptr<float>() : nullptr, lr, cuda::Segments{},
                                         stream));
   } else {
@@ -300,9 +304,9 @@ at::Tensor cuda_lut_linear_entry(const at::Tensor& x, const at::Tensor& codes, c
   const cuda::LutProblem p = problem(s, x2.size(0));
   const cuda::DType act = cuda_dtype(op, "x", x), lut_type = cuda_dtype(op, "lut", lut);
   const cuda::CallInfo call = call_info(act, lut_type, 0, codes);
-  const cuda::Plan plan = cuda::plan_lut_linear(p, call, device_info(x.device()));
   const int64_t adapters = lut.size(0);
-  if (plan.path != cuda::Path::Mma || p.M == 0 || plan.splits * adapters > 65535) {
+  const cuda::Plan plan = cuda::plan_lut_linear_adapters(p, adapters, call, device_info(x.device()));
+  if (!cuda::is_mma(plan.path) || p.M == 0 || (p.M + plan.block_m - 1) / plan.block_m + adapters > 65535) {
     return cuda_lut_linear(x, codes, lut, bias, adapter_index);
   }
   const AdapterOrder ao = sort_by_adapter(op, *adapter_index, p.M, adapters, codes);
@@ -318,7 +322,7 @@ at::Tensor cuda_lut_linear_entry(const at::Tensor& x, const at::Tensor& codes, c
   seg.lut_stride = s.N * s.G * s.E;
   C10_CUDA_CHECK(cuda::lut_linear_mma(p, xs.const_data_ptr(), act, codes.const_data_ptr<uint8_t>(),
                                       lut.const_data_ptr(), lut_type, bc.defined() ? bc.const_data_ptr() : nullptr,
-                                      ys.mutable_data_ptr(), plan.block_m, plan.splits,
+                                      ys.mutable_data_ptr(), cuda::mma_config(plan),
                                       ws.defined() ? ws.mutable_data_ptr<float>() : nullptr, cuda::LowRank{}, seg,
                                       at::cuda::getCurrentCUDAStream()));
   at::Tensor y = at::empty_like(ys);
@@ -341,7 +345,7 @@ std::string cuda_kernel() { return cuda::path_name(cuda::forced_path()); }
 std::string last_cuda_plan() {
   const cuda::Plan& p = t_last_plan;
   std::string s = cuda::path_name(p.path);
-  if (p.path == cuda::Path::Mma) {
+  if (cuda::is_mma(p.path)) {
     s += " block_m=" + std::to_string(p.block_m) + " splits=" + std::to_string(p.splits);
   }
   return s + " (" + p.why + ")";
