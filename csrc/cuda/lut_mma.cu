@@ -67,16 +67,18 @@ static_assert(kThreads == 2 * kBlockN, "decode: two threads (32 columns each) pe
 
 // Where a block works: rows [n0, n0 + 128) of W, tokens [m0, m0 + block_m) clipped to its adapter's
 // segment [.., m_end), K-steps [step_begin, step_begin + nsteps) of its split.
+// K-steps and row offsets fit 32 bits (K / 64 and N are far below 2^31); token and LUT offsets may
+// not. Fewer 64-bit fields keep the 128-token tile kernel's main loop free of spills.
 struct BlockWork {
-  int64_t n0, m0, m_end, lut_offset, step_begin, steps_per_group;
-  int split, nsteps;
+  int64_t m0, m_end, lut_offset;
+  int n0, step_begin, steps_per_group, split, nsteps;
 };
 
 template <int BM>
 __device__ __forceinline__ BlockWork block_work(const LutProblem& p, int splits, const Segments& seg) {
   BlockWork b;
   b.split = blockIdx.z;
-  b.n0 = int64_t(blockIdx.x) * kBlockN;
+  b.n0 = static_cast<int>(blockIdx.x) * kBlockN;
   b.m0 = int64_t(blockIdx.y) * BM;
   b.m_end = p.M;
   b.lut_offset = 0;
@@ -100,9 +102,9 @@ __device__ __forceinline__ BlockWork block_work(const LutProblem& p, int splits,
     }
   }
   const int64_t steps_total = p.K / kBlockK;
-  b.steps_per_group = p.K / p.G / kBlockK;
-  b.step_begin = steps_total * b.split / splits;
-  b.nsteps = static_cast<int>(steps_total * (b.split + 1) / splits - b.step_begin);
+  b.steps_per_group = static_cast<int>(p.K / p.G / kBlockK);
+  b.step_begin = static_cast<int>(steps_total * b.split / splits);
+  b.nsteps = static_cast<int>(steps_total * (b.split + 1) / splits) - b.step_begin;
   return b;
 }
 
