@@ -9,6 +9,19 @@ namespace spallm::cuda {
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Shared-memory bytes of a kernel whose layout is LAYOUT<BITS, block_m> (a struct with kBytes), for
+// a run-time block_m in {16, 32, 64, 128}; -1 for any other.
+template <template <int, int> class LAYOUT, int BITS>
+int smem_bytes_for(int block_m) {
+  switch (block_m) {
+    case 16: return LAYOUT<BITS, 16>::kBytes;
+    case 32: return LAYOUT<BITS, 32>::kBytes;
+    case 64: return LAYOUT<BITS, 64>::kBytes;
+    case 128: return LAYOUT<BITS, 128>::kBytes;
+    default: return -1;
+  }
+}
+
 // Kernels using more than 48 KB of dynamic shared memory must opt in, once per device. The flag
 // word is per kernel instantiation (KernelTag); devices 0..63 are remembered, others ask each time.
 template <typename KernelTag, typename Kernel>

@@ -205,15 +205,7 @@ cudaError_t launch(const LutProblem& p, const A* dy, const uint8_t* codes, const
 }  // namespace
 
 int lut_dx_mma_smem_bytes(int bits, int block_m) {
-  return SPALLM_DISPATCH_BITS(bits, [&]() -> int {
-    switch (block_m) {
-      case 16: return DxSmem<BITS, 16>::kBytes;
-      case 32: return DxSmem<BITS, 32>::kBytes;
-      case 64: return DxSmem<BITS, 64>::kBytes;
-      case 128: return DxSmem<BITS, 128>::kBytes;
-      default: return -1;
-    }
-  });
+  return SPALLM_DISPATCH_BITS(bits, [&] { return smem_bytes_for<DxSmem, BITS>(block_m); });
 }
 
 cudaError_t lut_linear_dx_mma(const LutProblem& p, const void* dy, DType act_type, const uint8_t* codes,

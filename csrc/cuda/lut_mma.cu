@@ -477,13 +477,7 @@ cudaError_t launch_config(int block_m, bool regs, const LutProblem& p, const A* 
 int lut_mma_smem_bytes(int bits, int block_m, bool regs) {
   return SPALLM_DISPATCH_BITS(bits, [&]() -> int {
     if (regs) return block_m == 16 ? RegsSmem<BITS, 16>::kBytes : block_m == 32 ? RegsSmem<BITS, 32>::kBytes : -1;
-    switch (block_m) {
-      case 16: return Smem<BITS, 16>::kBytes;
-      case 32: return Smem<BITS, 32>::kBytes;
-      case 64: return Smem<BITS, 64>::kBytes;
-      case 128: return Smem<BITS, 128>::kBytes;
-      default: return -1;
-    }
+    return smem_bytes_for<Smem, BITS>(block_m);
   });
 }
 
