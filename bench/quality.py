@@ -89,6 +89,18 @@ def apply_baseline(model, kind: str) -> float:
     return bits_total / weights
 
 
+def finish_row(row: dict, model, eval_ids, args, result: dict) -> None:
+    """Held-out perplexity and its time into `row`, then the row printed and the results file rewritten
+    (so a long sweep leaves everything measured so far on disk)."""
+    t = time.perf_counter()
+    row["ppl"] = perplexity(model, eval_ids, seq_len=args.seq_len, batch_size=4)
+    row["eval_s"] = time.perf_counter() - t
+    print(json.dumps(row), flush=True)
+    result["rows"].append(row)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def sketched_bpw(model) -> float:
     tot = weights = 0
     for m in spallm_ext.adapters.sketched_modules(model).values():
@@ -159,13 +171,7 @@ def main(argv=None) -> int:
                        refit_kept_frac=sum(v.get("refit_kept", False) for v in rep.layers.values())
                        / max(1, len(rep.layers)))
         row["prepare_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        row["ppl"] = perplexity(model, eval_ids, seq_len=args.seq_len, batch_size=4)
-        row["eval_s"] = time.perf_counter() - t
-        print(json.dumps(row), flush=True)
-        result["rows"].append(row)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        finish_row(row, model, eval_ids, args, result)
         del model
     fp = next((r["ppl"] for r in result["rows"] if r["name"] == "fp32"), None)
     print("\n| row | bits/weight | ppl | vs fp32 |\n|---|---|---|---|")

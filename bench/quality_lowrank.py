@@ -20,20 +20,19 @@ import json
 import os
 import platform
 import sys
-import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from quality import block_linears  # noqa: E402
+from quality import block_linears, finish_row  # noqa: E402
 
 from spallm_ext import LowRankSketchedLinear  # noqa: E402
 from spallm_ext.adapters import sketched_modules  # noqa: E402
 from spallm_ext.convert import sketch_model  # noqa: E402
 from spallm_ext.formats import sketch_bytes  # noqa: E402
-from spallm_ext.models import (CALIB_PLAYS, EVAL_PLAYS, calibration_windows, load_smollm2, perplexity,  # noqa: E402
+from spallm_ext.models import (CALIB_PLAYS, EVAL_PLAYS, calibration_windows, load_smollm2,  # noqa: E402
                                shakespeare_text, tokenize)
 from spallm_ext.sketch import SketchConfig  # noqa: E402
 
@@ -124,13 +123,7 @@ def main(argv=None) -> int:
                        mean_rel_output_err=rep.mean_rel_err(),
                        mean_rel_output_err_sketch_only=sum(v.get("rel_err_sketch", v["rel_err"]) for v in layers)
                        / max(1, len(rep.layers)))
-        t = time.perf_counter()
-        row["ppl"] = perplexity(model, eval_ids, seq_len=args.seq_len, batch_size=4)
-        row["eval_s"] = time.perf_counter() - t
-        print(json.dumps(row), flush=True)
-        result["rows"].append(row)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        finish_row(row, model, eval_ids, args, result)
         del model
     return 0
 
