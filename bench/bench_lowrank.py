@@ -4,8 +4,11 @@
     python bench/bench_lowrank.py --cpu-smoke --out /tmp/lowrank_smoke.json   # tiny shapes, CPU, checks the script
 
 impls (the `impl` field of each row), all with x bf16 and the LUT as an fp32 master copy:
-  spallm_lowrank  torch.ops.spallm.lut_linear_lowrank(x, codes, lut, l1, l2): the op as registered
-                  (the unfused composite of csrc/lowrank.cpp until the fused CUDA kernel lands)
+  spallm_lowrank  torch.ops.spallm.lut_linear_lowrank(x, codes, lut, l1, l2): the op as dispatched
+                  (fused on the mma paths: t = x l1 on chip when K is split, else a skinny GEMM
+                  first; decode_gemm + two GEMMs at large M); `plan` says which
+  spallm_lowrank_tgemm  the same op with t = x l1 always from the skinny GEMM
+                  (kernels.use_lowrank_t("gemm")): what computing t on chip saves
   unfused         spallm.lut_linear, then t = x @ l1 and y += t @ l2 (addmm): three launches, the
                   Nunchaku "naive" baseline the fused kernel must beat
   spallm          plain spallm.lut_linear, no branch: the floor a fused branch adds to
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import random_sketch, runs_for, time_cpu, time_cuda, write_results  # noqa: E402
 
 import spallm_ext  # noqa: E402
+from spallm_ext import kernels  # noqa: E402
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
@@ -110,9 +114,13 @@ def main(argv=None) -> dict:
                         err = float((y - y_ref).norm() / y_ref.norm().clamp_min(1e-30))
                         emit("unfused", m, n, k, bits, g, r, timed(lambda: unfused(x, codes, lut, l1x, l2x)),
                              base, plain)
+                        plan = kernels.last_cuda_plan()
                         emit("spallm_lowrank", m, n, k, bits, g, r,
                              timed(lambda: spallm_ext.lut_linear_lowrank(x, codes, lut, l1, l2)), base, plain,
-                             rel_err_vs_unfused=err)
+                             rel_err_vs_unfused=err, plan=plan)
+                        with kernels.use_lowrank_t("gemm"):
+                            emit("spallm_lowrank_tgemm", m, n, k, bits, g, r,
+                                 timed(lambda: spallm_ext.lut_linear_lowrank(x, codes, lut, l1, l2)), base, plain)
     out = {"l2_flushed": dev == "cuda", "lowrank_dtype": args.lowrank_dtype, "cpu_smoke": args.cpu_smoke}
     write_results(args.out, dev, rows, **out)
     return {**out, "rows": rows}

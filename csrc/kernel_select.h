@@ -10,7 +10,13 @@ namespace spallm {
 // applies where it supports the problem; elsewhere the automatic choice runs.
 bool set_cuda_kernel(const std::string& name);
 std::string cuda_kernel();
-// "<path> [block_m=.. splits=..] (<reason>)" of the last lut_linear / lut_linear_dx on this thread.
+// "<path> [block_m=.. splits=..] [t=on-chip|t=gemm] (<reason>)" of the last lut_linear /
+// lut_linear_dx / lut_linear_lowrank on this thread.
 std::string last_cuda_plan();
+// How the fused lut_linear_lowrank gets t = x l1: "auto" (on chip, in extra blocks of the LUT GEMM,
+// whenever the call splits K with token tiles of at most 64; else a skinny GEMM first) or "gemm"
+// (always the skinny GEMM: the comparison the benchmark makes). False for an unknown name.
+bool set_lowrank_t(const std::string& mode);
+std::string lowrank_t();
 
 }  // namespace spallm

@@ -3,8 +3,9 @@
 // It is three dispatcher calls: the backend's own lut_linear kernel for x W^T (+ bias), then
 // t = x l1 and y += t l2 as GEMMs. That is exact and runs wherever lut_linear runs, but costs
 // three launches and reads x twice; Nunchaku measured such an unfused rank-32 branch at +57 %
-// latency. On CUDA the mma kernel adds t l2 inside its epilogue instead (t = x l1 stays a skinny
-// GEMM before it), so y is written once; csrc/cuda/ops.cpp registers that and falls back to this.
+// latency. On CUDA the mma kernel adds t l2 before its one rounding instead, with t = x l1 computed
+// by extra blocks of the same launch (small M) or a skinny GEMM before it, so y is written once;
+// csrc/cuda/ops.cpp registers that and falls back to this.
 #include "lowrank.h"
 
 #include <ATen/ATen.h>
@@ -87,6 +88,6 @@ TORCH_LIBRARY_IMPL(spallm, CPU, m) {
 }
 
 // The CUDA registration is csrc/cuda/ops.cpp's lut_linear_lowrank_cuda: the branch fused into the
-// mma kernel's epilogue, this composite for the calls that kernel does not take.
+// mma kernel, this composite for the calls that kernel does not take.
 
 }  // namespace spallm

@@ -40,6 +40,8 @@ bool set_cuda_kernel(const std::string& name) {
 }
 std::string cuda_kernel() { return "auto"; }
 std::string last_cuda_plan() { return "none (no CUDA in this build)"; }
+bool set_lowrank_t(const std::string& mode) { return mode == "auto" || mode == "gemm"; }
+std::string lowrank_t() { return "auto"; }
 }  // namespace spallm
 #endif
 
@@ -71,4 +73,7 @@ PYBIND11_MODULE(_C, m) {
         "Force the CUDA forward path: 'auto', 'simple', 'mma', 'mma_regs' or 'decode_gemm'; False if unknown");
   m.def("cuda_kernel", &spallm::cuda_kernel, "The forced CUDA path ('auto' when none)");
   m.def("last_cuda_plan", &spallm::last_cuda_plan, "What the last CUDA lut_linear / lut_linear_dx ran");
+  m.def("set_lowrank_t", &spallm::set_lowrank_t,
+        "How fused lut_linear_lowrank computes x l1: 'auto' (on chip when K is split) or 'gemm'; False if unknown");
+  m.def("lowrank_t", &spallm::lowrank_t, "The lut_linear_lowrank t mode ('auto' or 'gemm')");
 }

@@ -36,11 +36,13 @@ def test_cpu_smoke(tmp_path):
     shapes, ms, ranks = bench.SMOKE_SHAPES, bench.SMOKE_MS, bench.SMOKE_RANKS
     want = {("cublas_bf16", m, n, k, 16, 0) for n, k in shapes for m in ms}
     want |= {("spallm", m, n, k, b, 0) for n, k in shapes for m in ms for b in (2, 4)}
-    want |= {(i, m, n, k, b, r) for i in ("unfused", "spallm_lowrank") for n, k in shapes for m in ms
+    want |= {(i, m, n, k, b, r) for i in ("unfused", "spallm_lowrank", "spallm_lowrank_tgemm")
+             for n, k in shapes for m in ms
              for b in (2, 4) for r in ranks}
     assert {(r["impl"], r["M"], r["N"], r["K"], r["bits"], r["rank"]) for r in rows} == want
     for r in rows:
         assert r["median_us"] > 0 and math.isfinite(r["median_us"]) and r["groups_per_row"] >= 0
         if r["impl"] == "spallm_lowrank":
+            assert isinstance(r["plan"], str) and r["plan"], r
             # bf16 output vs the unfused path's bf16 output: a few bf16 ulps at most
             assert r["rel_err_vs_unfused"] < 2e-2, r

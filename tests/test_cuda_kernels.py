@@ -236,29 +236,80 @@ def test_grad_falls_back_where_mma_cannot_run(n, k, groups):
     assert_close_rel(got, reference.lut_grad(dy, x, codes, groups, 16), torch.float32, factor=2)
 
 
+def _lowrank_plan_parts(plan: str) -> dict:
+    return dict(part.split("=", 1) for part in plan.split(" (")[0].split()[1:])
+
+
+def _check_lowrank(y, x, codes, lut, l1, l2, bias, act_dtype, fused: bool) -> None:
+    branch = x.double() @ l1.double() @ l2.double()
+    ref = reference.lut_linear(x.double(), codes, lut.double(), None if bias is None else bias.double()) + branch
+    assert_close_rel(y, ref.to(act_dtype))
+    if fused:
+        # one rounding of y, W rounded to the activation dtype (and on chip l1 too, ~2^-9 of the
+        # branch): elementwise close to the rounded-W reference plus branch
+        ref_w = reference.lut_linear(x.double(), codes, lut.to(act_dtype).double(),
+                                     None if bias is None else bias.double()) + branch
+        err = (y.double() - ref_w).abs().max().item()
+        assert err <= 2.0 ** -7 * (ref_w.abs().max().item() + 1e-6), err
+
+
 @pytest.mark.parametrize("bits", ALL_BITS)
 @pytest.mark.parametrize("act_dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("m,n,k,rank", [(1, 200, 1024, 16), (9, 256, 512, 32), (300, 136, 256, 64),
-                                        (2000, 128, 256, 8)])
+                                        (2000, 128, 256, 8), (40, 200, 512, 100), (16, 1000, 512, 130)])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-def test_lowrank_fused_matches_reference(bits, act_dtype, m, n, k, rank, with_bias):
+@pytest.mark.parametrize("t_mode", kernels.LOWRANK_T_MODES)
+def test_lowrank_fused_matches_reference(bits, act_dtype, m, n, k, rank, with_bias, t_mode):
     codes, lut = make_sketch(n, k, bits, 4, device="cuda", seed=bits + m)
     x = randn(m, k, dtype=act_dtype, device="cuda", seed=1)
     l1 = randn(k, rank, device="cuda", seed=2) * 0.05
     l2 = randn(rank, n, device="cuda", seed=3) * 0.05
     bias = randn(n, dtype=act_dtype, device="cuda", seed=4) if with_bias else None
-    y = spallm_ext.lut_linear_lowrank(x, codes, lut, l1, l2, bias)
-    plan = kernels.last_cuda_plan()
+    with kernels.use_lowrank_t(t_mode):
+        y = spallm_ext.lut_linear_lowrank(x, codes, lut, l1, l2, bias)
+        plan = kernels.last_cuda_plan()
     assert plan.startswith("mma" if m <= 512 else "decode_gemm"), plan
-    ref = reference.lut_linear(x.double(), codes, lut.double(), None if bias is None else bias.double())
-    ref = ref + x.double() @ l1.double() @ l2.double()
-    assert_close_rel(y, ref.to(act_dtype))
     if m <= 512:
-        # fused epilogue: one rounding, so elementwise close to the rounded-W reference plus branch
-        ref_w = reference.lut_linear(x.double(), codes, lut.to(act_dtype).double(),
-                                     None if bias is None else bias.double()) + x.double() @ l1.double() @ l2.double()
-        err = (y.double() - ref_w).abs().max().item()
-        assert err <= 2.0 ** -7 * (ref_w.abs().max().item() + 1e-6)
+        parts = _lowrank_plan_parts(plan)
+        on_chip = t_mode == "auto" and int(parts["splits"]) > 1 and int(parts["block_m"]) <= 64
+        assert parts["t"] == ("on-chip" if on_chip else "gemm"), plan
+    _check_lowrank(y, x, codes, lut, l1, l2, bias, act_dtype, fused=m <= 512)
+
+
+# t = x l1 on chip in both decodes' kernels, every token tile that carries t blocks (16, 32, 64),
+# l1 in each dtype and strided (a column slice of a wider matrix, and a transposed view), ranks
+# that leave the last 64-row t block and the reduction's 32-rank chunks ragged.
+@pytest.mark.parametrize("path,m", [("mma_regs", 1), ("mma_regs", 20), ("mma", 3), ("mma", 30), ("mma", 50)])
+@pytest.mark.parametrize("l1_layout", ["contiguous", "column_slice", "transposed"])
+@pytest.mark.parametrize("lr_dtype", (torch.float32, torch.bfloat16, torch.float16), ids=dtype_id)
+@pytest.mark.parametrize("rank", [1, 33, 70])
+def test_lowrank_t_on_chip(path, m, l1_layout, lr_dtype, rank):
+    n, k, bits = 300, 1024, 4
+    codes, lut = make_sketch(n, k, bits, 8, device="cuda", seed=rank + m)
+    x = randn(m, k, dtype=torch.bfloat16, device="cuda", seed=5)
+    if l1_layout == "contiguous":
+        l1 = randn(k, rank, device="cuda", seed=6)
+    elif l1_layout == "column_slice":
+        l1 = randn(k, rank + 5, device="cuda", seed=6)[:, 2:rank + 2]
+    else:
+        l1 = randn(rank, k, device="cuda", seed=6).t()
+    l1 = (l1 * 0.05).to(lr_dtype)
+    l2 = (randn(rank, n, device="cuda", seed=7) * 0.05).to(lr_dtype)
+    bias = randn(n, dtype=torch.bfloat16, device="cuda", seed=8)
+    with kernels.use_cuda_kernel(path):
+        y = spallm_ext.lut_linear_lowrank(x, codes, lut, l1, l2, bias)
+        plan = kernels.last_cuda_plan()
+        with kernels.use_lowrank_t("gemm"):
+            y_gemm = spallm_ext.lut_linear_lowrank(x, codes, lut, l1, l2, bias)
+    assert plan.startswith(path + " ") and "t=on-chip" in plan, plan
+    _check_lowrank(y, x, codes, lut, l1, l2, bias, torch.bfloat16, fused=True)
+    assert_close_rel(y.float(), y_gemm.float(), torch.bfloat16, factor=2)
+
+
+def test_lowrank_t_mode_switch_is_checked():
+    with pytest.raises(ValueError, match="mode"):
+        kernels.set_lowrank_t("sometimes")
+    assert kernels.lowrank_t() == "auto"
 
 
 @pytest.mark.parametrize("bits", ALL_BITS)

@@ -95,6 +95,19 @@ def test_ranks(rank):
                      reference.lut_linear_lowrank(x, codes, lut, l1, l2, bias))
 
 
+def test_lowrank_t_mode_names_are_checked():
+    # the switch between the fused kernel's two ways to get t = x l1 (csrc/cuda/dispatch.cpp);
+    # CPU-only builds accept the same names and have nothing to switch
+    from spallm_ext import kernels
+    with pytest.raises(ValueError, match="mode must be one of"):
+        kernels.set_lowrank_t("on-chip")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        kernels.set_lowrank_t(1)
+    with kernels.use_lowrank_t("gemm"):
+        assert kernels.lowrank_t() in kernels.LOWRANK_T_MODES
+    assert kernels.lowrank_t() == "auto"
+
+
 # ---------------------------------------------------------------- backward
 
 

@@ -29,6 +29,8 @@ constexpr int kMaxSplits = 32;
 constexpr int64_t kFastDecodeMaxLutFloats = 12 * 1024;  // one row's LUT in 48 KB of shared memory
 
 std::atomic<int> g_forced{static_cast<int>(Path::Auto)};
+std::atomic<bool> g_lowrank_t_gemm{false};
+constexpr int kLowRankMaxBlockM = 64;  // lut_mma.cu: t blocks exist in token tiles of at most 64
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -271,5 +273,16 @@ Plan plan_lut_linear_dx(const LutProblem& p, const CallInfo& c, const DeviceInfo
   const bool dec_ok = fast_decode_supports(p, c.codes_ptr, 0, &dec_no);
   return plan_gemm(p, d, /*regs_ok=*/false, mma_ok, mma_no, dec_ok, dec_no, &dx_mma_plan);
 }
+
+// The skinny GEMM costs two launches (cast of x, GEMM) and a second read of x: a few microseconds,
+// which is most of a decode-size call's budget, and nothing next to a prefill GEMM. Calls that
+// split K are the small ones, so "split" is the rule; a 1-split call writes y from the LUT kernel's
+// epilogue, which has no other block's t to wait for.
+bool lowrank_t_on_chip(const Plan& plan) {
+  return is_mma(plan.path) && plan.splits > 1 && plan.block_m <= kLowRankMaxBlockM && !lowrank_t_gemm();
+}
+
+void set_lowrank_t_gemm(bool on) { g_lowrank_t_gemm.store(on); }
+bool lowrank_t_gemm() { return g_lowrank_t_gemm.load(); }
 
 }  // namespace spallm::cuda

@@ -47,6 +47,7 @@ struct Plan {
   Path path = Path::Simple;
   int block_m = 0;  // mma: tokens per block tile (16, 32, 64 or 128; mma_regs: 16 or 32)
   int splits = 1;   // mma: K split across blocks; > 1 needs an fp32 workspace [splits, M, N]
+  const char* branch = "";  // lut_linear_lowrank on mma: "t=on-chip" or "t=gemm" (ops.cpp sets it)
   const char* why = "";  // one line: why this path (tests and debugging read it)
 };
 
@@ -68,6 +69,14 @@ MmaConfig mma_config(const Plan& plan);
 // lut_grad: Mma (lut_grad_mma.cu) or Simple. c.act_ptr is dy; c.out_ptr carries x's address.
 Plan plan_lut_grad(const LutProblem& p, const CallInfo& c, const DeviceInfo& d);
 Plan plan_lut_linear_dx(const LutProblem& p, const CallInfo& c, const DeviceInfo& d);
+
+// lut_linear_lowrank on an mma plan: whether t = x l1 comes from extra block columns of the LUT GEMM
+// (kernels.h LowRank) rather than a skinny GEMM before it. They need K split (t's parts are summed
+// in the split-K reduction, which is where t l2 is added anyway) and token tiles of at most 64.
+bool lowrank_t_on_chip(const Plan& plan);
+// Tests and benchmarks: true makes every lut_linear_lowrank use the skinny GEMM.
+void set_lowrank_t_gemm(bool on);
+bool lowrank_t_gemm();
 
 // Process-wide override for tests and benchmarks: every call takes `p` where that path supports
 // the problem (else the automatic choice, recorded in the plan's `why`). Path::Auto restores the

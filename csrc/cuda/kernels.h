@@ -49,10 +49,20 @@ cudaError_t lut_decode(const LutProblem& p, const uint8_t* codes, const void* lu
 cudaError_t lut_decode_fast(const LutProblem& p, const uint8_t* codes, const void* lut, DType lut_type,
                             void* w, DType out_type, cudaStream_t stream);
 
-// An optional low-rank branch added to lut_linear_mma's accumulators before the single rounding:
-// y += t l2 with t = x l1 [M, rank] (computed by the caller) and l2 [rank, N], both fp32 row-major.
+// An optional low-rank branch y += (x l1) l2 (l2 [rank, N] fp32 row-major), added to
+// lut_linear_mma's fp32 accumulators before the single rounding. t = x l1 comes one of two ways:
+//   * precomputed: `t` [M, rank] fp32 row-major, computed by the caller (any split count);
+//   * on chip (`l1` set, splits >= 2): ceil(rank / 64) extra block columns of the same launch take
+//     the rows of l1^T as their weights, see exactly the x tiles the code blocks see, and write t's
+//     per-split partials to `t_partials` [splits, M, rank]; the split-K reduction adds them in split
+//     order and applies t l2 with the bias. x is read once and no launch is added.
 struct LowRank {
-  const float* t = nullptr;  // nullptr: no branch
+  const float* t = nullptr;  // precomputed x l1; nullptr with l1 == nullptr: no branch
+  const void* l1 = nullptr;  // on-chip mode: l1 [K, rank], any strides, dtype l1_type
+  DType l1_type = DType::F32;
+  int64_t l1_stride_k = 0;
+  int64_t l1_stride_r = 0;
+  float* t_partials = nullptr;  // on-chip mode: splits * M * rank floats
   const float* l2 = nullptr;
   int64_t rank = 0;
 };

@@ -121,7 +121,7 @@ lut_dx_mma_kernel(LutProblem p, const A* __restrict__ dy, const uint8_t* __restr
     static_assert(S::kEntries * kBlockR * 4 == (kBlockR * 4) << BITS, "halves start above the code bits");
     decode32<BITS, A, kBlockR>(words, table(0),
                                row * 4 | ((quarter / 2) * S::kEntries * kBlockR + buf * S::kTableFloats) * 4, packed);
-    store32(w_tile(buf), row, quarter * 4, packed);
+    store_units(w_tile(buf), row, quarter * 4, packed);
   };
 
   const int wn = warp % C::kWarpsN, wm = warp / C::kWarpsN;
@@ -198,7 +198,7 @@ cudaError_t launch(const LutProblem& p, const A* dy, const uint8_t* codes, const
   if (err != cudaSuccess || splits == 1) return err;
   const int64_t total = p.M * p.K;
   const unsigned blocks = static_cast<unsigned>(ceil_div(total, 256) < 65536 ? ceil_div(total, 256) : 65536);
-  splitk_reduce_kernel<A><<<blocks, 256, 0, stream>>>(p.M, p.K, splits, workspace, nullptr, dx, LowRank{});
+  splitk_reduce_kernel<A><<<blocks, 256, 0, stream>>>(p.M, p.K, splits, workspace, nullptr, dx);
   return cudaGetLastError();
 }
 

@@ -19,9 +19,11 @@
 // Small M is bound by reading codes: 132 SMs need more blocks than N/128 row tiles, so K is split
 // across blockIdx.z (dispatch.cpp picks the split) and the fp32 partials are added in split order
 // by a second kernel, with the bias (deterministic, no atomics).
-// A low-rank branch (spallm.lut_linear_lowrank: y += (x l1) l2) joins in the epilogue, where the
-// finished accumulators get bias + t[m, :] . l2[:, n] before their one rounding (in the split-K
-// reduction when K is split); t = x l1 is a skinny GEMM the caller runs first.
+// A low-rank branch (spallm.lut_linear_lowrank: y += (x l1) l2) joins before the one rounding.
+// t = x l1 either comes from the caller (a skinny GEMM; the finished accumulators then get bias +
+// t[m, :] . l2[:, n] in the epilogue, or in the split-K reduction) or, when K is split, from extra
+// block columns of this launch that treat the rows of l1^T as their weights (low_rank_t_block):
+// they read the same x tiles as the code blocks, so x is read once and no launch is added.
 // Multi-adapter batches (tokens grouped by adapter, Segments) run in the same launch: blockIdx.y
 // walks the token tiles of every adapter's segment in turn, a block takes tokens of one adapter
 // only and reads that adapter's LUT; the codes tiles are shared through L2, so HBM still sees them
@@ -46,6 +48,7 @@
 //     One 4-byte lookup per weight is then the whole shared-memory cost of the decode.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "codes.h"
@@ -120,6 +123,16 @@ __device__ __forceinline__ void load_x_tile(const SwizzledTile64& xt, const A* x
   }
 }
 
+// t[m, :] . l2[:, n] in fp32 from a precomputed t (0 without one). Threads of a warp share m and
+// take 8 consecutive n, so the l2 reads of one j are one 32-byte segment; t's row stays in L1.
+__device__ __forceinline__ float low_rank_term(const LowRank& lr, int64_t m, int64_t n, int64_t N) {
+  if (lr.t == nullptr) return 0.f;
+  const float* t = lr.t + m * lr.rank;
+  float s = 0.f;
+  for (int64_t j = 0; j < lr.rank; ++j) s += __ldg(t + j) * __ldg(lr.l2 + j * N + n);
+  return s;
+}
+
 // A warp's TN x TM accumulator tiles, rows from row0 and tokens from tok0: lane (g, t) holds rows
 // g, g+8 and tokens 2t, 2t+1 of each mma tile. Without split-K they get bias and the low-rank term
 // and are rounded once into y; with it they go to the split's fp32 slice of the workspace.
@@ -149,6 +162,191 @@ __device__ __forceinline__ void store_accumulators(const float (&acc)[TN][TM][4]
             workspace[(b.split * p.M + m) * p.N + n] = v;
           }
         }
+      }
+    }
+  }
+}
+
+// One K-step of mma over a W tile in shared memory: the warp's TN x TM tiles, A fragments (rows of
+// W) by ldmatrix from `wt`, B fragments (tokens) from `xt`, both [row][64 columns] swizzled.
+template <typename A, typename C>
+__device__ __forceinline__ void mma_w_tile(float (&acc)[C::TN][C::TM][4], const SwizzledTile64& wt,
+                                           const SwizzledTile64& xt, int wn, int wm, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kBlockK; kk += 16) {
+    uint32_t a[C::TN][4];
+    uint32_t bf[C::TM][2];
+#pragma unroll
+    for (int i = 0; i < C::TN; ++i) {
+      ldmatrix_x4(a[i], wt.at(wn * C::kWarpRows + i * 16 + lane % 16, kk + (lane / 16) * 8));
+    }
+    load_token_fragments<C::TM>(xt, wm * C::kWarpTokens, kk, lane, bf);
+    mma_tiles<A>(acc, a, bf);
+  }
+}
+
+// ---- low-rank branch with t on chip: the extra block columns ------------------------------
+//
+// With LowRank::l1 set, the grid has ceil(rank / 64) block columns past the last row tile of W. Each
+// runs low_rank_t_block instead of a decode: its "weights" are 64 rows of l1^T, read from global
+// memory (K x rank values that every block of the column shares, so they stay in L2) one K-step
+// ahead into registers, rounded to the activation dtype and stored as a W tile; the mma is the tile
+// kernel's (mma_w_tile), against x tiles loaded into the kernel's own ring by the same code as the
+// code blocks'. Its tokens and K-steps are its block_work, so it produces exactly its split's part
+// of t = x l1 for its token tile, written in fp32 to t_partials[split]; the split-K reduction adds
+// the parts in split order. 64 rows per block, not 128: every thread then carries 16 prefetched
+// values rather than 32 (registers are what these kernels run short of first), and the warps over
+// rows 64..127 simply skip the mma; a t block is one of ~N/128 + 1 in its grid row anyway.
+constexpr int kLowRankRows = 64;
+// Token tiles that carry t blocks. The 128-token tile kernel has no registers to spare for them
+// (its main loop would spill), and a call that splits K at 128-token tiles has M >= 65, where the
+// caller's skinny GEMM for t is cheap next to the main GEMM anyway.
+constexpr int kLowRankMaxBlockM = 64;
+
+// Shared memory a t block uses: the x ring (STAGES tiles of BM tokens from offset 0, the layout of
+// both kernels) and one 64-row W tile after it.
+template <int BM, int STAGES>
+constexpr int low_rank_smem_bytes() {
+  return STAGES * BM * SwizzledTile64::kRowBytes + kLowRankRows * SwizzledTile64::kRowBytes;
+}
+
+// v[i] = l1 value at p[i * stride] (16 consecutive k of one column of l1), as fp32.
+template <typename T>
+__device__ __forceinline__ void fetch_l1_column(const T* p, int64_t stride, float (&v)[16]) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) v[i] = to_float(p[i * stride]);
+}
+
+template <int BM, int STAGES, typename A>
+__device__ __forceinline__ void low_rank_t_block(const LutProblem& p, const A* __restrict__ x, const LowRank& lr,
+                                                 const BlockWork& b, int64_t r0, uint8_t* smem) {
+  using C = WarpTiling<BM, kBlockN>;
+  constexpr int kXBytes = BM * SwizzledTile64::kRowBytes;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  auto x_tile = [&](int stage) { return SwizzledTile64{smem + stage * kXBytes}; };
+  const SwizzledTile64 wt{smem + STAGES * kXBytes};
+
+  // Thread (row, quarter) carries l1[k, r0 + row] for the 16 columns of its quarter of a K-step; a
+  // warp's lanes are 32 consecutive r, so each k is one coalesced read of a row-major l1 [K, rank].
+  const int row = tid % kLowRankRows, quarter = tid / kLowRankRows;
+  const int64_t r = r0 + row;
+  const bool live = r < lr.rank;
+  float next[16];
+  auto fetch = [&](int64_t step) {
+    if (!live) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) next[i] = 0.f;
+      return;
+    }
+    const int64_t at = (step * kBlockK + quarter * 16) * lr.l1_stride_k + r * lr.l1_stride_r;
+    switch (lr.l1_type) {
+      case DType::F16: fetch_l1_column(static_cast<const __half*>(lr.l1) + at, lr.l1_stride_k, next); break;
+      case DType::BF16: fetch_l1_column(static_cast<const __nv_bfloat16*>(lr.l1) + at, lr.l1_stride_k, next); break;
+      default: fetch_l1_column(static_cast<const float*>(lr.l1) + at, lr.l1_stride_k, next); break;
+    }
+  };
+
+  ring_prologue<STAGES>(b.nsteps, b.step_begin,
+                        [&](int stage, int64_t step) { load_x_tile<BM>(x_tile(stage), x, p, b, step, tid); });
+  if (b.nsteps > 0) fetch(b.step_begin);
+  const int wn = warp % C::kWarpsN, wm = warp / C::kWarpsN;
+  const bool warp_live = wn * C::kWarpRows < kLowRankRows;
+  float acc[C::TN][C::TM][4] = {};
+  for (int it = 0; it < b.nsteps; ++it) {
+    const int stage = it % STAGES;
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // this step's x tile has landed for all, and every warp is done with wt
+    uint32_t packed[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) packed[i] = pack2<A>(next[2 * i], next[2 * i + 1]);
+    store_units(wt, row, quarter * 2, packed);
+    if (it + 1 < b.nsteps) fetch(b.step_begin + it + 1);  // in flight during the mma below
+    __syncthreads();  // wt complete
+    if (warp_live) mma_w_tile<A, C>(acc, wt, x_tile(stage), wn, wm, lane);
+    const int next_step = it + STAGES - 1;
+    if (next_step < b.nsteps) load_x_tile<BM>(x_tile(next_step % STAGES), x, p, b, b.step_begin + next_step, tid);
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+  if (!warp_live) return;
+  // Same fragment map as store_accumulators: lane (g, t) holds rows g, g + 8 and tokens 2t, 2t + 1.
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int i = 0; i < C::TN; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t rr = r0 + wn * C::kWarpRows + i * 16 + g + h * 8;
+      if (rr >= lr.rank) continue;
+#pragma unroll
+      for (int j = 0; j < C::TM; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t m = b.m0 + wm * C::kWarpTokens + j * 8 + 2 * t + e;
+          if (m < b.m_end) lr.t_partials[(b.split * p.M + m) * lr.rank + rr] = acc[i][j][h * 2 + e];
+        }
+      }
+    }
+  }
+}
+
+// y = bias + the split partials (in split order) + t . l2, for a low-rank call with K split. A block
+// owns 256 columns and 8 tokens: t's values for its tokens pass through shared memory 32 ranks at a
+// time (in on-chip mode summed from their split partials, in split order), and every l2 value read
+// serves the 8 tokens, so l2 crosses L2 ceil(M / 8) times instead of M times.
+constexpr int kReduceTokens = 8;
+constexpr int kReduceRanks = 32;
+
+template <typename A>
+__global__ void __launch_bounds__(256)
+splitk_low_rank_reduce_kernel(int64_t M, int64_t N, int splits, const float* __restrict__ workspace,
+                              const A* __restrict__ bias, A* __restrict__ y, LowRank lr) {
+  static_assert(kReduceTokens * kReduceRanks == 256, "one staged t value per thread");
+  __shared__ float t_stage[kReduceTokens][kReduceRanks];
+  const int tid = threadIdx.x;
+  const int64_t total = M * N;
+  // Loop bounds depend on the block only, so every thread reaches every barrier.
+  for (int64_t m0 = int64_t(blockIdx.y) * kReduceTokens; m0 < M; m0 += int64_t(gridDim.y) * kReduceTokens) {
+    for (int64_t n0 = int64_t(blockIdx.x) * 256; n0 < N; n0 += int64_t(gridDim.x) * 256) {
+      const int64_t n = n0 + tid;
+      const bool col = n < N;
+      const float bn = (col && bias != nullptr) ? to_float(bias[n]) : 0.f;
+      float acc[kReduceTokens], branch[kReduceTokens];
+#pragma unroll
+      for (int e = 0; e < kReduceTokens; ++e) {
+        acc[e] = bn;
+        branch[e] = 0.f;
+        if (col && m0 + e < M) {
+          for (int k = 0; k < splits; ++k) acc[e] += workspace[k * total + (m0 + e) * N + n];
+        }
+      }
+      for (int64_t r0 = 0; r0 < lr.rank; r0 += kReduceRanks) {
+        __syncthreads();  // the previous chunk's readers are done
+        {
+          const int e = tid / kReduceRanks, j = tid % kReduceRanks;
+          const int64_t m = m0 + e, rr = r0 + j;
+          float v = 0.f;
+          if (m < M && rr < lr.rank) {
+            if (lr.t != nullptr) {
+              v = lr.t[m * lr.rank + rr];
+            } else {
+              for (int k = 0; k < splits; ++k) v += lr.t_partials[(k * M + m) * lr.rank + rr];
+            }
+          }
+          t_stage[e][j] = v;
+        }
+        __syncthreads();
+        if (col) {
+          const int64_t chunk = lr.rank - r0 < kReduceRanks ? lr.rank - r0 : kReduceRanks;
+          for (int j = 0; j < chunk; ++j) {
+            const float l = __ldg(lr.l2 + (r0 + j) * N + n);
+#pragma unroll
+            for (int e = 0; e < kReduceTokens; ++e) branch[e] += t_stage[e][j] * l;
+          }
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < kReduceTokens; ++e) {
+        if (col && m0 + e < M) y[(m0 + e) * N + n] = from_float<A>(acc[e] + branch[e]);
       }
     }
   }
@@ -185,6 +383,13 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const BlockWork b = block_work<BM>(p, splits, seg);
   if (b.m0 >= b.m_end) return;
+  if constexpr (BM <= kLowRankMaxBlockM) {
+    if (b.n0 >= p.N) {  // past W's rows: a low-rank block column (the grid has them only with LowRank::l1)
+      static_assert(S::kX == 0 && low_rank_smem_bytes<BM, C::kStages>() <= S::kBytes, "t blocks reuse the x ring");
+      low_rank_t_block<BM, C::kStages>(p, x, lowrank, b, (blockIdx.x - ceil_div(p.N, kBlockN)) * kLowRankRows, smem);
+      return;
+    }
+  }
   const int64_t code_step_bytes = kBlockK * BITS / 8;
 
   auto x_tile = [&](int stage) { return SwizzledTile64{smem + S::kX + stage * S::kXBytes}; };
@@ -226,25 +431,11 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
     // Row (bits 2..8) and buffer (bit BITS + 9) offsets sit around the scaled code (bits 9..).
     static_assert(S::kTableFloats * 4 == (kBlockN * 4) << BITS, "table buffers start above the code bits");
     decode32<BITS, A, kBlockN>(words, table(0), row * 4 | tbuf * S::kTableFloats * 4, packed);
-    store32(w_tile(buf), row, half * 4, packed);
+    store_units(w_tile(buf), row, half * 4, packed);
   };
 
   const int wn = warp % C::kWarpsN, wm = warp / C::kWarpsN;
   float acc[C::TN][C::TM][4] = {};
-  auto mma_step = [&](int buf, int stage) {
-    const SwizzledTile64 wt = w_tile(buf), xt = x_tile(stage);
-#pragma unroll
-    for (int kk = 0; kk < kBlockK; kk += 16) {
-      uint32_t a[C::TN][4];
-      uint32_t bf[C::TM][2];
-#pragma unroll
-      for (int i = 0; i < C::TN; ++i) {
-        ldmatrix_x4(a[i], wt.at(wn * C::kWarpRows + i * 16 + lane % 16, kk + (lane / 16) * 8));
-      }
-      load_token_fragments<C::TM>(xt, wm * C::kWarpTokens, kk, lane, bf);
-      mma_tiles<A>(acc, a, bf);
-    }
-  };
 
   ring_prologue<C::kStages>(b.nsteps, b.step_begin, load_stage);
   int64_t table_group = -1;
@@ -263,7 +454,7 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
     __syncthreads();  // codes/x of this stage and the table are visible to all
     decode(stage, it & 1, tbuf);
     __syncthreads();  // W tile complete
-    mma_step(it & 1, stage);
+    mma_w_tile<A, C>(acc, w_tile(it & 1), x_tile(stage), wn, wm, lane);
     const int next = it + C::kStages - 1;
     if (next < b.nsteps) load_stage(next % C::kStages, b.step_begin + next);
     cp_async_commit();
@@ -325,6 +516,11 @@ lut_mma_regs_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __rest
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const BlockWork b = block_work<BM>(p, splits, seg);
   if (b.m0 >= b.m_end) return;
+  if (b.n0 >= p.N) {  // a low-rank block column, as in lut_mma_kernel
+    static_assert(S::kX == 0 && low_rank_smem_bytes<BM, S::kStages>() <= S::kBytes, "t blocks reuse the x ring");
+    low_rank_t_block<BM, S::kStages>(p, x, lowrank, b, (blockIdx.x - ceil_div(p.N, kBlockN)) * kLowRankRows, smem);
+    return;
+  }
 
   auto x_tile = [&](int stage) { return SwizzledTile64{smem + S::kX + stage * S::kXBytes}; };
   auto code_tile = [&](int stage) { return smem + S::kCodes + stage * S::kCodeBytes; };
@@ -429,7 +625,8 @@ cudaError_t launch(const LutProblem& p, const A* x, const uint8_t* codes, const 
                    cudaStream_t stream) {
   cudaError_t err;
   const int64_t token_tiles = ceil_div(p.M, BM) + (seg.offsets != nullptr ? seg.count : 0);
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kBlockN)), static_cast<unsigned>(token_tiles),
+  const int64_t t_columns = lowrank.l1 != nullptr ? ceil_div(lowrank.rank, kLowRankRows) : 0;
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kBlockN) + t_columns), static_cast<unsigned>(token_tiles),
                   static_cast<unsigned>(splits));
   if constexpr (REGS) {
     using S = RegsSmem<BITS, BM>;
@@ -446,9 +643,15 @@ cudaError_t launch(const LutProblem& p, const A* x, const uint8_t* codes, const 
   }
   err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
-  const int64_t total = p.M * p.N;
-  const unsigned blocks = static_cast<unsigned>(ceil_div(total, 256) < 65536 ? ceil_div(total, 256) : 65536);
-  splitk_reduce_kernel<A><<<blocks, 256, 0, stream>>>(p.M, p.N, splits, workspace, bias, y, lowrank);
+  if (lowrank.t != nullptr || lowrank.l1 != nullptr) {
+    const dim3 rgrid(static_cast<unsigned>(std::min<int64_t>(ceil_div(p.N, 256), 65535)),
+                     static_cast<unsigned>(std::min<int64_t>(ceil_div(p.M, kReduceTokens), 65535)));
+    splitk_low_rank_reduce_kernel<A><<<rgrid, 256, 0, stream>>>(p.M, p.N, splits, workspace, bias, y, lowrank);
+  } else {
+    const int64_t total = p.M * p.N;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(total, 256), 65536));
+    splitk_reduce_kernel<A><<<blocks, 256, 0, stream>>>(p.M, p.N, splits, workspace, bias, y);
+  }
   return cudaGetLastError();
 }
 
@@ -486,7 +689,10 @@ cudaError_t lut_linear_mma(const LutProblem& p, const void* x, DType act_type, c
                            float* workspace, const LowRank& lowrank, const Segments& segments, cudaStream_t stream) {
   const int splits = config.splits;
   if (p.bits < 2 || p.bits > 4 || p.G < 1 || p.K % kBlockK != 0 || (p.K / p.G) % kBlockK != 0 || splits < 1 ||
-      (splits > 1 && workspace == nullptr) || (lowrank.t != nullptr && (lowrank.l2 == nullptr || lowrank.rank < 1)) ||
+      (splits > 1 && workspace == nullptr) ||
+      ((lowrank.t != nullptr || lowrank.l1 != nullptr) && (lowrank.l2 == nullptr || lowrank.rank < 1)) ||
+      (lowrank.l1 != nullptr && (lowrank.t != nullptr || lowrank.t_partials == nullptr || splits < 2 ||
+                                 config.block_m > kLowRankMaxBlockM)) ||
       segments.count < 1 || splits > 65535 ||
       ceil_div(p.M, config.block_m) + (segments.offsets != nullptr ? segments.count : 0) > 65535 ||
       (config.regs && reinterpret_cast<uintptr_t>(codes) % 16 != 0)) {

@@ -62,11 +62,14 @@ __device__ __forceinline__ void decode32(const uint32_t (&words)[BITS], const fl
   }
 }
 
-// The four 16-byte units (32 columns starting at unit u0) of `row` in a swizzled tile.
-template <int UNITS>
-__device__ __forceinline__ void store32(const SwizzledTile<UNITS>& tile, int row, int u0, const uint32_t (&packed)[16]) {
+// WORDS registers of packed pairs (WORDS / 4 16-byte units, 8 columns each, from unit u0 on) into
+// `row` of a swizzled tile: a lane per row, so the 8 rows of each quarter warp cover all 32 banks.
+template <int UNITS, int WORDS>
+__device__ __forceinline__ void store_units(const SwizzledTile<UNITS>& tile, int row, int u0,
+                                            const uint32_t (&packed)[WORDS]) {
+  static_assert(WORDS % 4 == 0, "whole 16-byte units");
 #pragma unroll
-  for (int u = 0; u < 4; ++u) {
+  for (int u = 0; u < WORDS / 4; ++u) {
     *reinterpret_cast<uint4*>(tile.unit(row, u0 + u)) =
         make_uint4(packed[4 * u], packed[4 * u + 1], packed[4 * u + 2], packed[4 * u + 3]);
   }
@@ -125,30 +128,20 @@ struct WarpTiling {
   static_assert(TN >= 1 && TM >= 2 && TM % 2 == 0, "ldmatrix.x4 loads token tiles in pairs");
 };
 
-// t[m, :] . l2[:, n] in fp32 (0 without a branch). Threads of a warp share m and take 8
-// consecutive n, so the l2 reads of one j are one 32-byte segment; t's row stays in L1.
-__device__ __forceinline__ float low_rank_term(const LowRank& lr, int64_t m, int64_t n, int64_t N) {
-  if (lr.t == nullptr) return 0.f;
-  const float* t = lr.t + m * lr.rank;
-  float s = 0.f;
-  for (int64_t j = 0; j < lr.rank; ++j) s += __ldg(t + j) * __ldg(lr.l2 + j * N + n);
-  return s;
-}
-
 // A kernel defined in a header: an anonymous namespace gives each .cu file its own instantiation,
 // so no two translation units register one host stub for their separate device modules.
 namespace {
 
-// y[m, n] = sum over splits, in split order, of the partials (+ bias[n] + the low-rank term).
+// y[m, n] = sum over splits, in split order, of the partials (+ bias[n]).
 template <typename A>
 __global__ void __launch_bounds__(256)
 splitk_reduce_kernel(int64_t M, int64_t N, int splits, const float* __restrict__ workspace,
-                     const A* __restrict__ bias, A* __restrict__ y, LowRank lowrank) {
+                     const A* __restrict__ bias, A* __restrict__ y) {
   const int64_t total = M * N;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     float s = bias != nullptr ? to_float(bias[i % N]) : 0.f;
     for (int k = 0; k < splits; ++k) s += workspace[k * total + i];
-    y[i] = from_float<A>(s + low_rank_term(lowrank, i / N, i % N, N));
+    y[i] = from_float<A>(s);
   }
 }
 

@@ -232,9 +232,10 @@ at::Tensor lut_decode_cuda(const at::Tensor& codes, const at::Tensor& lut) {
   return w;
 }
 
-// y = x W^T + (x l1) l2 (+ bias). On the mma path the branch is fused: t = x l1 is one skinny fp32
-// GEMM, and the LUT kernel adds t l2 to its accumulators before the single rounding (no pass over
-// y). On decode_gemm (large M, 16-bit x) both products are cuBLAS GEMMs into one output, the
+// y = x W^T + (x l1) l2 (+ bias). On the mma path the branch is fused: t = x l1 comes from extra
+// blocks of the LUT kernel that read the same x tiles (when K is split: cuda::lowrank_t_on_chip) or
+// from one skinny fp32 GEMM first, and t l2 joins the accumulators before the single rounding (no
+// pass over y). On decode_gemm (large M, 16-bit x) both products are cuBLAS GEMMs into one output, the
 // second accumulating into the first (so y is rounded twice, as an unfused bf16 layer's would be).
 // Other calls take the backend-independent composite of csrc/lowrank.cpp.
 at::Tensor lut_linear_lowrank_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut,
@@ -259,19 +260,32 @@ at::Tensor lut_linear_lowrank_cuda(const at::Tensor& x, const at::Tensor& codes,
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor y;
   if (cuda::is_mma(plan.path)) {
-    const at::Tensor t = at::mm(xc.to(at::kFloat), l1.to(at::kFloat));  // [M, rank]
     const at::Tensor l2f = l2.to(at::kFloat).contiguous();
     cuda::LowRank lr;
-    lr.t = t.const_data_ptr<float>();
     lr.l2 = l2f.const_data_ptr<float>();
     lr.rank = l2f.size(0);
+    const bool on_chip = cuda::lowrank_t_on_chip(plan);
+    t_last_plan.branch = on_chip ? "t=on-chip" : "t=gemm";
+    // Workspace: the y partials [splits, M, N], then (on chip) t's partials [splits, M, rank].
+    const int64_t y_parts = plan.splits > 1 ? plan.splits * p.M * p.N : 0;
+    const int64_t t_parts = on_chip ? plan.splits * p.M * lr.rank : 0;
+    at::Tensor ws, t;
+    if (y_parts + t_parts > 0) ws = at::empty({y_parts + t_parts}, x.options().dtype(at::kFloat));
+    if (on_chip) {
+      lr.l1 = l1.const_data_ptr();
+      lr.l1_type = cuda_dtype(op, "l1", l1);
+      lr.l1_stride_k = l1.stride(0);
+      lr.l1_stride_r = l1.stride(1);
+      lr.t_partials = ws.mutable_data_ptr<float>() + y_parts;
+    } else {
+      t = at::mm(xc.to(at::kFloat), l1.to(at::kFloat));  // [M, rank]
+      lr.t = t.const_data_ptr<float>();
+    }
     y = at::empty({p.M, s.N}, x.options());
-    at::Tensor ws;
-    if (plan.splits > 1) ws = at::empty({plan.splits * p.M * p.N}, x.options().dtype(at::kFloat));
     C10_CUDA_CHECK(cuda::lut_linear_mma(p, xc.const_data_ptr(), act, codes.const_data_ptr<uint8_t>(),
                                         lut.const_data_ptr(), lut_type, bc.defined() ? bc.const_data_ptr() : nullptr,
                                         y.mutable_data_ptr(), cuda::mma_config(plan),
-                                        ws.defined() ? ws.mutable_data_ptr<float>() : nullptr, lr, cuda::Segments{},
+                                        y_parts > 0 ? ws.mutable_data_ptr<float>() : nullptr, lr, cuda::Segments{},
                                         stream));
   } else {
     const at::Tensor w = decode_weight(p, codes, lut, lut_type, act, x.options(), stream);
@@ -342,12 +356,21 @@ bool set_cuda_kernel(const std::string& name) {
 
 std::string cuda_kernel() { return cuda::path_name(cuda::forced_path()); }
 
+bool set_lowrank_t(const std::string& mode) {
+  if (mode != "auto" && mode != "gemm") return false;
+  cuda::set_lowrank_t_gemm(mode == "gemm");
+  return true;
+}
+
+std::string lowrank_t() { return cuda::lowrank_t_gemm() ? "gemm" : "auto"; }
+
 std::string last_cuda_plan() {
   const cuda::Plan& p = t_last_plan;
   std::string s = cuda::path_name(p.path);
   if (cuda::is_mma(p.path)) {
     s += " block_m=" + std::to_string(p.block_m) + " splits=" + std::to_string(p.splits);
   }
+  if (p.branch[0] != '\0') s += std::string(" ") + p.branch;
   return s + " (" + p.why + ")";
 }
 

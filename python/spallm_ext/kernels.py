@@ -47,3 +47,34 @@ def use_cuda_kernel(name: str) -> Iterator[None]:
 def last_cuda_plan() -> str:
     """What the last CUDA lut_linear / lut_linear_dx call on this thread ran, and why."""
     return _C.last_cuda_plan()
+
+
+LOWRANK_T_MODES = ("auto", "gemm")
+
+
+def set_lowrank_t(mode: str) -> None:
+    """How the fused CUDA ``lut_linear_lowrank`` gets t = x @ l1, for every following call.
+
+    ``"auto"`` (default): in extra blocks of the LUT kernel that read the same x tiles, whenever the
+    call splits K (small M) with token tiles of at most 64; otherwise a skinny GEMM first.
+    ``"gemm"``: always the skinny GEMM (what the benchmark compares against). Results agree within
+    fp32 accumulation order, except that on chip l1 is rounded to x's dtype for the tensor cores.
+    """
+    if not isinstance(mode, str) or not _C.set_lowrank_t(mode):
+        raise ValueError(f"mode must be one of {LOWRANK_T_MODES}, got {mode!r}")
+
+
+def lowrank_t() -> str:
+    """The current ``lut_linear_lowrank`` t mode."""
+    return _C.lowrank_t()
+
+
+@contextlib.contextmanager
+def use_lowrank_t(mode: str) -> Iterator[None]:
+    """Run the block with a ``lut_linear_lowrank`` t mode, then restore the previous one."""
+    previous = lowrank_t()
+    set_lowrank_t(mode)
+    try:
+        yield
+    finally:
+        set_lowrank_t(previous)
