@@ -350,7 +350,10 @@ def test_multi_adapter_bad_index_still_errors_clearly():
 @pytest.mark.parametrize("act_dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("lut_dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
 @pytest.mark.parametrize("m,n,k,groups", [(1, 200, 1024, 4), (16, 64, 128, 2), (45, 1000, 256, 1),
-                                          (300, 136, 512, 8), (7, 8, 4096, 64)])
+                                          (300, 136, 512, 8), (7, 8, 4096, 64),
+                                          # in_features an odd multiple of 64 (SmolLM2's 576): the last
+                                          # 128-column block is half outside W
+                                          (5, 200, 576, 9), (40, 136, 192, 3), (300, 64, 320, 1)])
 def test_dx_mma_matches_reference(bits, act_dtype, lut_dtype, m, n, k, groups):
     codes, lut = make_sketch(n, k, bits, groups, lut_dtype=lut_dtype, device="cuda", seed=bits + n)
     dy = randn(m, n, dtype=act_dtype, device="cuda", seed=3)

@@ -86,7 +86,7 @@ Plan dx_mma_plan(const LutProblem& p, const DeviceInfo& d, const char* why) {
   Plan plan;
   plan.path = Path::Mma;
   plan.block_m = fitting_block_m(p.M, d, &lut_dx_mma_smem_bytes, p.bits);
-  plan.splits = splits_for(p.K / kTileN * ceil_div(p.M, plan.block_m), ceil_div(p.N, kTileK), d);
+  plan.splits = splits_for(ceil_div(p.K, kTileN) * ceil_div(p.M, plan.block_m), ceil_div(p.N, kTileK), d);
   plan.why = why;
   return plan;
 }
@@ -179,7 +179,7 @@ bool dx_mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d
   if (d.major < 8) no = "dx mma needs sm_80 or newer";
   else if (!is16bit(c.act)) no = "dx mma needs bf16 or fp16 activations";
   else if (p.M < 1 || p.N < 1 || p.N % 8 != 0) no = "dx mma needs M >= 1 and out_features % 8 == 0";
-  else if (p.K % kTileN != 0) no = "dx mma needs in_features % 128 == 0";
+  else if (p.K % kTileK != 0) no = "dx mma needs in_features % 64 == 0";
   else if ((p.K / p.G) % kTileK != 0) no = "dx mma needs a group size % 64 == 0";
   else if (c.act_ptr % 16 != 0) no = "dx mma needs a 16-byte aligned dy";
   else if (c.codes_ptr % 4 != 0 || p.row_bytes % 4 != 0) no = "dx mma needs 4-byte aligned code rows";

@@ -66,7 +66,9 @@ lut_dx_mma_kernel(LutProblem p, const A* __restrict__ dy, const uint8_t* __restr
   const int64_t step_begin = steps_total * split / splits, step_end = steps_total * (split + 1) / splits;
   const int nsteps = static_cast<int>(step_end - step_begin);
   const int64_t group_size = p.K / p.G;
-  // The group of each 64-column half of this block's columns (group size is a multiple of 64).
+  // The group of each 64-column half of this block's columns (group size is a multiple of 64). With
+  // in_features an odd multiple of 64 the last block's second half lies past K (group1 == G): its
+  // codes are zero-filled, its LUT values are zeros, and its columns are never stored.
   const int64_t group0 = c0 / group_size, group1 = (c0 + 64) / group_size;
 
   auto dy_tile = [&](int stage) { return SwizzledTile64{smem + S::kDy + stage * S::kDyBytes}; };
@@ -80,7 +82,7 @@ lut_dx_mma_kernel(LutProblem p, const A* __restrict__ dy, const uint8_t* __restr
     for (int i = tid; i < kBlockR * S::kCodeWords; i += kThreads) {
       const int row = i / S::kCodeWords, word = i % S::kCodeWords;
       const int64_t r = r0 + row;
-      const bool ok = r < p.N;
+      const bool ok = r < p.N && c0 + word * 32 / BITS < p.K;  // the word's first column
       cp_async<4>(ct + row * S::kCodeStride + word, ok ? codes + r * p.row_bytes + c0 * BITS / 8 + word * 4 : codes, ok);
     }
     const SwizzledTile64 dt = dy_tile(stage);
@@ -101,7 +103,9 @@ lut_dx_mma_kernel(LutProblem p, const A* __restrict__ dy, const uint8_t* __restr
       const int i = tid + j * kThreads;
       const int half = i / (S::kEntries * kBlockR), e = (i / kBlockR) % S::kEntries, row = i % kBlockR;
       const int64_t r = r0 + row;
-      lut_regs[j] = r < p.N ? load_float(lut, lut_type, (r * p.G + (half == 0 ? group0 : group1)) * S::kEntries + e) : 0.f;
+      lut_regs[j] = r < p.N && (half == 0 || group1 < p.G)
+                        ? load_float(lut, lut_type, (r * p.G + (half == 0 ? group0 : group1)) * S::kEntries + e)
+                        : 0.f;
     }
   };
   auto store_luts = [&](int buf) {
@@ -191,7 +195,7 @@ cudaError_t launch(const LutProblem& p, const A* dy, const uint8_t* codes, const
   auto kernel = lut_dx_mma_kernel<BITS, A, BM>;
   cudaError_t err = allow_smem<S>(kernel, S::kBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(p.K / kBlockC), static_cast<unsigned>(ceil_div(p.M, BM)),
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.K, kBlockC)), static_cast<unsigned>(ceil_div(p.M, BM)),
                   static_cast<unsigned>(splits));
   kernel<<<grid, kThreads, S::kBytes, stream>>>(p, dy, codes, lut, lut_type, dx, workspace, splits);
   err = cudaGetLastError();
@@ -211,7 +215,7 @@ int lut_dx_mma_smem_bytes(int bits, int block_m) {
 cudaError_t lut_linear_dx_mma(const LutProblem& p, const void* dy, DType act_type, const uint8_t* codes,
                               const void* lut, DType lut_type, void* dx, int block_m, int splits, float* workspace,
                               cudaStream_t stream) {
-  if (p.bits < 2 || p.bits > 4 || p.G < 1 || p.K % kBlockC != 0 || (p.K / p.G) % 64 != 0 || p.N % 8 != 0 ||
+  if (p.bits < 2 || p.bits > 4 || p.G < 1 || p.K % 64 != 0 || (p.K / p.G) % 64 != 0 || p.N % 8 != 0 ||
       splits < 1 || (splits > 1 && workspace == nullptr)) {
     return cudaErrorInvalidValue;
   }
