@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One full validation on the GPU machine (see ../shared/notes/gpu.md): build with CUDA, run the
 # whole test suite, compute-sanitizer (memcheck + racecheck) on the CUDA tests, then benchmarks.
-# Everything goes to $OUT (logs + JSON). Usage: bash bench/gpu_validate.sh [build|test|sanitize|bench|train]...
-# BENCH_ARGS / TRAIN_ARGS pass extra arguments to bench_forward.py / bench_train.py.
+# Everything goes to $OUT (logs + JSON).
+# Usage: bash bench/gpu_validate.sh [build|test|sanitize|bench|train|lowrank|sketch]...
+# BENCH_ARGS / TRAIN_ARGS / LOWRANK_ARGS / SKETCH_ARGS pass extra arguments to bench_forward.py /
+# bench_train.py / bench_lowrank.py / bench_sketch.py.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 OUT=${OUT:-/tmp/spallm_out}; mkdir -p "$OUT"
@@ -31,15 +33,22 @@ for s in "${steps[@]}"; do
       # shared-memory hazards) on the fast kernels' edge cases: tiles past N and M, split-K, the
       # bucket pass of lut_grad, multi-adapter segments.
       compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -x tests/test_cuda.py \
-        tests/test_cuda_kernels.py -k "not kernels or float32-bfloat16-4 or adversarial or split or tiles or launch or falls or decode" \
+        tests/test_cuda_kernels.py -k "not kernels or float32-bfloat16-4 or adversarial or split or tiles or launch or falls or decode or (lowrank_t_on_chip and 70-float32) or (dx_mma_matches and 576)" \
         -p no:cacheprovider > "$OUT/sanitizer_memcheck.log" 2>&1; echo "memcheck rc=$?"; tail -4 "$OUT/sanitizer_memcheck.log"
       compute-sanitizer --tool racecheck --error-exitcode 1 python3 -m pytest -q -x tests/test_cuda_kernels.py \
-        -k "adversarial or split or tiles or (single_launch and 64-16) or (grad_mma_matches and bfloat16 and 33-200) or (dx_mma_matches and float32-bfloat16-4)" \
+        -k "adversarial or split or tiles or (single_launch and 64-16) or (grad_mma_matches and bfloat16 and 33-200) or (dx_mma_matches and float32-bfloat16-4) or (lowrank_t_on_chip and 70-float32-column_slice)" \
         -p no:cacheprovider > "$OUT/sanitizer_racecheck.log" 2>&1; echo "racecheck rc=$?"; tail -4 "$OUT/sanitizer_racecheck.log" ;;
     bench)
       SPALLM_COMMIT=${SPALLM_COMMIT:-} python3 bench/bench_forward.py --out "$OUT/forward.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_forward.log" | tail -40 ;;
     train)
       # Training step (issue 5): the QLoRA rows need bitsandbytes from .whl (see bench/README.md).
       SPALLM_COMMIT=${SPALLM_COMMIT:-} python3 bench/bench_train.py --out "$OUT/train.json" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/bench_train.log" | tail -60 ;;
+    lowrank)
+      # Fused low-rank branch (issue 6): on-chip t vs the skinny GEMM vs unfused vs plain.
+      SPALLM_COMMIT=${SPALLM_COMMIT:-} python3 bench/bench_lowrank.py --out "$OUT/lowrank.json" ${LOWRANK_ARGS:-} 2>&1 | tee "$OUT/bench_lowrank.log" | tail -60 ;;
+    sketch)
+      # Sketching speed on a Llama-3-8B-shaped block stack (issue 3: 32 blocks in < 10 min).
+      SPALLM_COMMIT=${SPALLM_COMMIT:-} python3 bench/bench_sketch.py --device cuda --shape llama3-8b --blocks 2 \
+        --out "$OUT/sketch.json" ${SKETCH_ARGS:-} 2>&1 | tee "$OUT/bench_sketch.log" | tail -30 ;;
   esac
 done
