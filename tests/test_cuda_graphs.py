@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import spallm_ext
+from spallm_ext import kernels
 
 from conftest import CUDA_MARKS, make_sketch
 
@@ -15,8 +16,15 @@ def test_lut_linear_and_backward_ops_replay_in_a_cuda_graph():
     codes, lut = make_sketch(64, 128, 4, 4, device="cuda", seed=1)
     x = torch.randn(3, 128, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(3, 64, device="cuda", dtype=torch.bfloat16)
+    # the low-rank op with K split, so t = x l1 comes from the kernel's extra blocks (workspace
+    # allocated inside the capture, from the graph's pool)
+    codes2, lut2 = make_sketch(64, 512, 4, 4, device="cuda", seed=2)
+    x2 = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
+    l1, l2 = torch.randn(512, 8, device="cuda") * 0.05, torch.randn(8, 64, device="cuda") * 0.05
+    spallm_ext.lut_linear_lowrank(x2, codes2, lut2, l1, l2)
+    assert "t=on-chip" in kernels.last_cuda_plan(), kernels.last_cuda_plan()
     ops = lambda: (spallm_ext.lut_linear(x, codes, lut), spallm_ext.lut_linear_dx(dy, codes, lut),  # noqa: E731
-                   spallm_ext.lut_grad(dy, x, codes, 4, 16))
+                   spallm_ext.lut_grad(dy, x, codes, 4, 16), spallm_ext.lut_linear_lowrank(x2, codes2, lut2, l1, l2))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -27,6 +35,7 @@ def test_lut_linear_and_backward_ops_replay_in_a_cuda_graph():
         outs = ops()
     x.copy_(torch.randn_like(x))
     dy.copy_(torch.randn_like(dy))
+    x2.copy_(torch.randn_like(x2))
     graph.replay()
     torch.cuda.synchronize()
     for got, want in zip(outs, ops()):
