@@ -30,7 +30,6 @@ constexpr int64_t kFastDecodeMaxLutFloats = 12 * 1024;  // one row's LUT in 48 K
 
 std::atomic<int> g_forced{static_cast<int>(Path::Auto)};
 std::atomic<bool> g_lowrank_t_gemm{false};
-constexpr int kLowRankMaxBlockM = 64;  // lut_mma.cu: t blocks exist in token tiles of at most 64
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -49,6 +49,12 @@ cudaError_t lut_decode(const LutProblem& p, const uint8_t* codes, const void* lu
 cudaError_t lut_decode_fast(const LutProblem& p, const uint8_t* codes, const void* lut, DType lut_type,
                             void* w, DType out_type, cudaStream_t stream);
 
+// The largest token tile whose kernels carry t blocks (on-chip mode needs block_m <= this). The
+// 128-token tile kernel has no registers to spare for them (its main loop would spill), and a call
+// that splits K at 128-token tiles has M >= 65, where a skinny GEMM for t is cheap next to the
+// main GEMM anyway.
+constexpr int kLowRankMaxBlockM = 64;
+
 // An optional low-rank branch y += (x l1) l2 (l2 [rank, N] fp32 row-major), added to
 // lut_linear_mma's fp32 accumulators before the single rounding. t = x l1 comes one of two ways:
 //   * precomputed: `t` [M, rank] fp32 row-major, computed by the caller (any split count);

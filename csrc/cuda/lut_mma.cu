@@ -198,10 +198,6 @@ __device__ __forceinline__ void mma_w_tile(float (&acc)[C::TN][C::TM][4], const 
 // values rather than 32 (registers are what these kernels run short of first), and the warps over
 // rows 64..127 simply skip the mma; a t block is one of ~N/128 + 1 in its grid row anyway.
 constexpr int kLowRankRows = 64;
-// Token tiles that carry t blocks. The 128-token tile kernel has no registers to spare for them
-// (its main loop would spill), and a call that splits K at 128-token tiles has M >= 65, where the
-// caller's skinny GEMM for t is cheap next to the main GEMM anyway.
-constexpr int kLowRankMaxBlockM = 64;
 
 // Shared memory a t block uses: the x ring (STAGES tiles of BM tokens from offset 0, the layout of
 // both kernels) and one 64-row W tile after it.
