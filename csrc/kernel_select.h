@@ -1,8 +1,9 @@
-// Which CUDA kernel the ops use: an override for tests and benchmarks, and a record of the last
+// Which CUDA (and CPU) kernel the ops use: an override for tests and benchmarks, and a record of the last
 // call's choice. Defined by the CUDA backend (csrc/cuda/ops.cpp); CPU-only builds define the same
 // functions as no-ops in csrc/registration.cpp. The rules themselves live in csrc/cuda/dispatch.cpp.
 #pragma once
 #include <string>
+#include <vector>
 
 namespace spallm {
 
@@ -18,5 +19,15 @@ std::string last_cuda_plan();
 // (always the skinny GEMM: the comparison the benchmark makes). False for an unknown name.
 bool set_lowrank_t(const std::string& mode);
 std::string lowrank_t();
+
+// The CPU path of the fp32 work (csrc/cpu/lut_ops_cpu.cpp): "auto" (the vector kernels where the
+// CPU has AVX2 + FMA, else the portable ones), "portable" (scalar decode + BLAS) or "avx2". False
+// for an unknown name or "avx2" on a CPU without it. cpu_kernels() lists what this CPU can run.
+bool set_cpu_kernel(const std::string& name);
+std::string cpu_kernel();
+std::vector<std::string> cpu_kernels();
+// "avx2_gemv", "avx2_tiles" or "portable_tiles": what the last CPU lut_linear / lut_linear_dx on
+// this thread ran ("none" before the first).
+std::string last_cpu_plan();
 
 }  // namespace spallm

@@ -3,10 +3,12 @@
 // csrc/lowrank.cpp (lut_linear_lowrank on both, until a fused CUDA kernel takes over).
 // Fake (meta) and autograd registrations live in python/spallm_ext/ops.py.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
 
 #include <string>
 
+#include "cpu/lut_simd.h"
 #include "kernel_select.h"
 
 TORCH_LIBRARY(spallm, m) {
@@ -67,6 +69,7 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_archs"] = std::string();
     d["cuda_compiler"] = std::string();
 #endif
+    d["cpu_simd"] = std::string(spallm::cpu::avx2_available() ? "avx2+fma" : "none");
     return d;
   });
   m.def("set_cuda_kernel", &spallm::set_cuda_kernel,
@@ -76,4 +79,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_lowrank_t", &spallm::set_lowrank_t,
         "How fused lut_linear_lowrank computes x l1: 'auto' (on chip when K is split) or 'gemm'; False if unknown");
   m.def("lowrank_t", &spallm::lowrank_t, "The lut_linear_lowrank t mode ('auto' or 'gemm')");
+  m.def("set_cpu_kernel", &spallm::set_cpu_kernel,
+        "Force the CPU path of fp32 work: 'auto', 'portable' or 'avx2'; False if unknown or not on this CPU");
+  m.def("cpu_kernel", &spallm::cpu_kernel, "The forced CPU path ('auto' when none)");
+  m.def("cpu_kernels", &spallm::cpu_kernels, "The CPU paths this machine can run");
+  m.def("last_cpu_plan", &spallm::last_cpu_plan, "What the last CPU lut_linear / lut_linear_dx ran");
 }

@@ -9,18 +9,65 @@
 //   lut_grad:      dW_tile     = dy[:, tile]^T @ x, then each row of dW_tile is reduced into its
 //                  (group, code) buckets in column order: deterministic.
 // Accumulation is fp32, or fp64 when the activations are fp64 (gradcheck).
+//
+// On x86-64 CPUs with AVX2 + FMA (checked at run time) fp32 work takes the vector kernels of
+// cpu/lut_simd.h: the decode above runs eight codes per instruction sequence, and up to
+// kGemvMaxTokens tokens skip the tile and BLAS altogether: W is decoded in registers straight into
+// FMAs with the tokens (a GEMV-style pass, memory traffic = the codes). kernels.set_cpu_kernel
+// forces either path for tests and benchmarks.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <string>
+
 #include "checks.h"
 #include "codes.h"
+#include "cpu/lut_simd.h"
+#include "kernel_select.h"
 #include "multi_adapter.h"
 
 namespace spallm {
 namespace {
 
 constexpr int64_t kTileElems = int64_t(1) << 20;
+
+// Up to this many tokens the fused vector pass beats decode + BLAS (bench/bench_cpu.py measures
+// the crossover; at 32 tokens BLAS's blocking wins on the 2-core CI machine).
+constexpr int64_t kGemvMaxTokens = 16;
+
+enum class CpuPath { kAuto, kPortable, kAvx2 };
+std::atomic<CpuPath> g_cpu_path{CpuPath::kAuto};
+thread_local std::string g_last_cpu_plan = "none";
+
+bool use_avx2() {
+  const CpuPath p = g_cpu_path.load();
+  return p != CpuPath::kPortable && cpu::avx2_available();
+}
+
+// The vector kernels' view of a sketch; `lut32` must stay alive while it is used.
+cpu::CodeRows code_rows(const LutShape& s, const at::Tensor& codes, const at::Tensor& lut32) {
+  cpu::CodeRows w;
+  w.codes = codes.data_ptr<uint8_t>();
+  w.lut = lut32.data_ptr<float>();
+  w.N = s.N;
+  w.K = s.K;
+  w.G = s.G;
+  w.E = s.E;
+  w.group_size = s.group_size;
+  w.row_bytes = s.row_bytes;
+  w.bits = s.bits;
+  return w;
+}
+
+// Whether this call's fp32 work can take the vector kernels.
+bool avx2_applies(const LutShape& s, at::ScalarType acc) {
+  cpu::CodeRows w;
+  w.K = s.K;
+  w.group_size = s.group_size;
+  return acc == at::kFloat && use_avx2() && cpu::avx2_supports(w);
+}
 
 int64_t tile_rows(const LutShape& s) {
   return std::max<int64_t>(1, std::min<int64_t>(s.N, kTileElems / std::max<int64_t>(s.K, 1)));
@@ -52,6 +99,15 @@ void decode_rows(const LutShape& s, const uint8_t* codes, const lut_t* lut, int6
 at::Tensor decode_tile(const LutShape& s, const at::Tensor& codes, const at::Tensor& lut, int64_t r0,
                        int64_t rows, at::ScalarType out_type) {
   at::Tensor out = at::empty({rows, s.K}, lut.options().dtype(out_type));
+  if (out_type == at::kFloat && avx2_applies(s, at::kFloat)) {
+    const at::Tensor lut32 = lut.to(at::kFloat).contiguous();
+    const cpu::CodeRows w = code_rows(s, codes, lut32);
+    float* o = out.data_ptr<float>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      cpu::decode_rows_avx2(w, r0 + begin, r0 + end, o + begin * s.K);
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lut.scalar_type(), "spallm_decode_lut", [&] {
     using lut_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_type, "spallm_decode_out", [&] {
@@ -76,7 +132,21 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
   const at::Tensor xa = as_tokens(x).to(acc).contiguous();
   const int64_t M = xa.size(0);
   at::Tensor y = at::empty({M, s.N}, x.options().dtype(acc));
-  if (M > 0) {
+  const bool avx2 = avx2_applies(s, acc);
+  if (avx2 && M > 0 && M <= kGemvMaxTokens) {
+    g_last_cpu_plan = "avx2_gemv";
+    const at::Tensor lut32 = lut.to(at::kFloat).contiguous();
+    const cpu::CodeRows w = code_rows(s, codes, lut32);
+    const float* xp = xa.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    // About 64K weights x tokens per task, so small layers stay on one thread.
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(s.K * M, 1));
+    at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
+      cpu::gemv_rows_avx2(w, xp, M, begin, end, yp);
+    });
+    if (bias.has_value()) y.add_(bias->to(acc));
+  } else if (M > 0) {
+    g_last_cpu_plan = avx2 ? "avx2_tiles" : "portable_tiles";
     const int64_t step = tile_rows(s);
     for (int64_t r0 = 0; r0 < s.N; r0 += step) {
       const int64_t rows = std::min(step, s.N - r0);
@@ -99,6 +169,7 @@ at::Tensor lut_linear_dx_cpu(const at::Tensor& dy, const at::Tensor& codes, cons
   const int64_t M = dya.size(0);
   at::Tensor dx = at::zeros({M, s.K}, dy.options().dtype(acc));
   if (M > 0) {
+    g_last_cpu_plan = avx2_applies(s, acc) ? "avx2_tiles" : "portable_tiles";
     const int64_t step = tile_rows(s);
     for (int64_t r0 = 0; r0 < s.N; r0 += step) {
       const int64_t rows = std::min(step, s.N - r0);
@@ -166,6 +237,35 @@ at::Tensor lut_decode_cpu(const at::Tensor& codes, const at::Tensor& lut) {
 SPALLM_DEFINE_ADAPTER_ENTRY_POINTS(cpu, lut_linear_cpu, lut_linear_dx_cpu, lut_grad_cpu)
 
 }  // namespace
+
+bool set_cpu_kernel(const std::string& name) {
+  if (name == "auto") {
+    g_cpu_path = CpuPath::kAuto;
+  } else if (name == "portable") {
+    g_cpu_path = CpuPath::kPortable;
+  } else if (name == "avx2" && cpu::avx2_available()) {
+    g_cpu_path = CpuPath::kAvx2;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+std::string cpu_kernel() {
+  switch (g_cpu_path.load()) {
+    case CpuPath::kPortable: return "portable";
+    case CpuPath::kAvx2: return "avx2";
+    default: return "auto";
+  }
+}
+
+std::vector<std::string> cpu_kernels() {
+  std::vector<std::string> names{"auto", "portable"};
+  if (cpu::avx2_available()) names.push_back("avx2");
+  return names;
+}
+
+std::string last_cpu_plan() { return g_last_cpu_plan; }
 
 TORCH_LIBRARY_IMPL(spallm, CPU, m) {
   m.impl("lut_linear", &cpu_lut_linear);

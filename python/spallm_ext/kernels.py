@@ -1,4 +1,4 @@
-"""Which CUDA kernel runs the forward ops, for tests, benchmarks and debugging.
+"""Which CUDA (and CPU) kernel runs the ops, for tests, benchmarks and debugging.
 
 The automatic choice (csrc/cuda/dispatch.cpp) picks, per call, between
 
@@ -78,3 +78,49 @@ def use_lowrank_t(mode: str) -> Iterator[None]:
         yield
     finally:
         set_lowrank_t(previous)
+
+
+CPU_PATHS = ("auto", "portable", "avx2")
+
+
+def cpu_kernels() -> tuple[str, ...]:
+    """The CPU paths this machine can run: always "auto" and "portable", "avx2" where the CPU has
+    AVX2 and FMA (detected at run time; the build itself runs on any x86-64 or other CPU)."""
+    return tuple(_C.cpu_kernels())
+
+
+def set_cpu_kernel(name: str) -> None:
+    """Force the CPU path of fp32 work for every following call in this process.
+
+    ``"auto"`` (default): ``"avx2"`` where the CPU has it, else ``"portable"``.
+    ``"avx2"``: eight codes decoded per vector instruction sequence; up to 16 tokens W is decoded in
+    registers straight into FMAs (no decoded tile, no BLAS call), more tokens decode tiles for BLAS.
+    ``"portable"``: scalar decode of W tiles, then BLAS. fp64 work (gradcheck), group sizes that are
+    not multiples of 8 and non-x86 CPUs always take it. Results agree within fp32 rounding.
+    """
+    if not isinstance(name, str) or name not in CPU_PATHS:
+        raise ValueError(f"kernel must be one of {CPU_PATHS}, got {name!r}")
+    if not _C.set_cpu_kernel(name):
+        raise ValueError(f"CPU kernel {name!r} is not available on this CPU (it has {cpu_kernels()})")
+
+
+def cpu_kernel() -> str:
+    """The forced CPU path, "auto" when none."""
+    return _C.cpu_kernel()
+
+
+@contextlib.contextmanager
+def use_cpu_kernel(name: str) -> Iterator[None]:
+    """Run the block with a forced CPU path, then restore the previous one."""
+    previous = cpu_kernel()
+    set_cpu_kernel(name)
+    try:
+        yield
+    finally:
+        set_cpu_kernel(previous)
+
+
+def last_cpu_plan() -> str:
+    """What the last CPU lut_linear / lut_linear_dx on this thread ran: "avx2_gemv", "avx2_tiles"
+    or "portable_tiles" ("none" before the first call)."""
+    return _C.last_cpu_plan()

@@ -1,0 +1,159 @@
+"""The two CPU paths (csrc/cpu/lut_ops_cpu.cpp): "portable" (scalar decode + BLAS) and "avx2"
+(vector decode; a fused in-register pass up to 16 tokens), each against the reference, against
+each other, and the choice itself. "avx2" runs wherever the CPU has it (CI's x86 machines do);
+elsewhere the tests check that asking for it fails clearly and that the portable path is used."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spallm_ext
+from spallm_ext import kernels, reference
+
+from conftest import ALL_BITS, assert_close_rel, make_sketch, randn
+
+HAS_AVX2 = "avx2" in kernels.cpu_kernels()
+PATHS = kernels.cpu_kernels()[1:]  # "portable", and "avx2" where this CPU has it
+
+# (bits, groups, in_features): group sizes 8, 16, 64, 256 (vector chunks never straddle a group)
+VECTOR_SHAPES = [(4, 1, 8), (4, 4, 64), (4, 2, 512), (3, 1, 8), (3, 8, 128), (3, 1, 256),
+                 (2, 2, 16), (2, 4, 256), (2, 1, 64)]
+# every token count of the fused pass's blocking (4-token blocks plus a 1-3 token tail) and past it
+TOKENS = [1, 2, 3, 4, 5, 7, 8, 13, 16, 17, 40]
+
+
+@pytest.fixture(autouse=True)
+def _restore_cpu_kernel():
+    before = kernels.cpu_kernel()
+    yield
+    kernels.set_cpu_kernel(before)
+
+
+def expected_plan(path: str, m: int, group_size: int, acc: torch.dtype) -> str:
+    if path == "portable" or acc != torch.float32 or group_size % 8:
+        return "portable_tiles"
+    return "avx2_gemv" if m <= 16 else "avx2_tiles"
+
+
+def test_path_names_and_errors():
+    assert kernels.cpu_kernels()[:2] == ("auto", "portable")
+    assert kernels.cpu_kernel() == "auto"
+    with kernels.use_cpu_kernel("portable"):
+        assert kernels.cpu_kernel() == "portable"
+    assert kernels.cpu_kernel() == "auto"
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        kernels.set_cpu_kernel("sse9")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        kernels.set_cpu_kernel(4)
+    if HAS_AVX2:
+        kernels.set_cpu_kernel("avx2")
+        assert kernels.cpu_kernel() == "avx2"
+        assert spallm_ext.build_info()["cpu_simd"] == "avx2+fma"
+    else:
+        with pytest.raises(ValueError, match="not available on this CPU"):
+            kernels.set_cpu_kernel("avx2")
+        assert kernels.cpu_kernel() == "auto"
+        assert spallm_ext.build_info()["cpu_simd"] == "none"
+
+
+def test_auto_is_the_best_path_this_cpu_has():
+    codes, lut = make_sketch(8, 64, 4, 2)
+    spallm_ext.lut_linear(randn(3, 64), codes, lut)
+    assert kernels.last_cpu_plan() == ("avx2_gemv" if HAS_AVX2 else "portable_tiles")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bits,groups,k", VECTOR_SHAPES, ids=[f"b{b}-g{g}-k{k}" for b, g, k in VECTOR_SHAPES])
+@pytest.mark.parametrize("m", TOKENS, ids=[f"m{m}" for m in TOKENS])
+def test_lut_linear_matches_reference(path, bits, groups, k, m):
+    n = 13
+    codes, lut = make_sketch(n, k, bits, groups, seed=bits * 1000 + k + m)
+    x, bias = randn(m, k, seed=m), randn(n, seed=m + 1)
+    kernels.set_cpu_kernel(path)
+    y = spallm_ext.lut_linear(x, codes, lut, bias)
+    assert kernels.last_cpu_plan() == expected_plan(path, m, k // groups, torch.float32)
+    assert_close_rel(y, reference.lut_linear(x, codes, lut, bias))
+    dy = randn(m, n, seed=m + 2)
+    dx = spallm_ext.lut_linear_dx(dy, codes, lut)
+    assert kernels.last_cpu_plan() == ("portable_tiles" if path == "portable" else "avx2_tiles")
+    assert_close_rel(dx, reference.lut_linear_dx(dy, codes, lut))
+    # Decoding is a table lookup: both paths must give the reference's weights bit for bit.
+    assert torch.equal(spallm_ext.lut_decode(codes, lut), reference.lut_decode(codes, lut))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=["fp32", "bf16", "fp16", "fp64"])
+@pytest.mark.parametrize("lut_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["lut32", "lut16b", "lut16"])
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_dtypes(path, act_dtype, lut_dtype, bits):
+    codes, lut = make_sketch(24, 128, bits, 2, lut_dtype=lut_dtype, seed=bits)
+    x = randn(5, 128, dtype=act_dtype, seed=3)
+    kernels.set_cpu_kernel(path)
+    y = spallm_ext.lut_linear(x, codes, lut)
+    acc = torch.float64 if act_dtype == torch.float64 else torch.float32
+    assert kernels.last_cpu_plan() == expected_plan(path, 5, 64, acc)
+    assert_close_rel(y, reference.lut_linear(x, codes, lut))
+    assert torch.equal(spallm_ext.lut_decode(codes, lut), reference.lut_decode(codes, lut))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode", ["zeros", "max", "alternating", "equal"])
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_adversarial_codes(path, mode, bits):
+    # "max" reads only the top table entry (for 4 bits: the upper register and the blend).
+    codes, lut = make_sketch(9, 64, bits, 1, mode=mode, seed=bits)
+    x = randn(2, 64, seed=1)
+    kernels.set_cpu_kernel(path)
+    assert_close_rel(spallm_ext.lut_linear(x, codes, lut), reference.lut_linear(x, codes, lut))
+    assert torch.equal(spallm_ext.lut_decode(codes, lut), reference.lut_decode(codes, lut))
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_paths_agree_and_repeat_bit_for_bit(bits):
+    codes, lut = make_sketch(300, 512, bits, 4, seed=bits)
+    x = randn(6, 512, seed=2)
+    outs = {}
+    for path in PATHS:
+        kernels.set_cpu_kernel(path)
+        outs[path] = spallm_ext.lut_linear(x, codes, lut)
+        assert torch.equal(outs[path], spallm_ext.lut_linear(x, codes, lut)), f"{path}: not repeatable"
+    assert_close_rel(outs[PATHS[-1]], outs["portable"].double().float(), factor=1.0)
+    # Each (token, row) sums in a fixed order whatever the thread count.
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = spallm_ext.lut_linear(x, codes, lut)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, outs[PATHS[-1]])
+
+
+def test_multi_adapter_and_lowrank_take_the_same_paths():
+    codes, lut = make_sketch(16, 64, 4, 2, seed=5)
+    stack = torch.stack([lut, lut * 2, -lut])
+    x, index = randn(7, 64, seed=6), torch.tensor([0, 2, 1, 1, 0, 2, 2])
+    l1, l2 = randn(64, 3, seed=7), randn(3, 16, seed=8)
+    for path in PATHS:
+        kernels.set_cpu_kernel(path)
+        y = spallm_ext.lut_linear(x, codes, stack, adapter_index=index)
+        assert_close_rel(y, reference.lut_linear(x, codes, stack, adapter_index=index))
+        y = torch.ops.spallm.lut_linear_lowrank(x, codes, lut, l1, l2)
+        assert_close_rel(y, reference.lut_linear_lowrank(x, codes, lut, l1, l2))
+
+
+def test_sketched_linear_forward_and_backward_on_both_paths():
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 24)
+    layer = spallm_ext.SketchedLinear.from_linear(dense, bits=4, groups_per_row=2)
+    x = torch.randn(3, 64)
+    grads = {}
+    for path in PATHS:
+        kernels.set_cpu_kernel(path)
+        layer.zero_grad()
+        xx = x.clone().requires_grad_()
+        y = layer(xx)
+        y.square().sum().backward()
+        grads[path] = (y.detach(), xx.grad, layer.lut.grad.clone())
+    for a, b in zip(grads["portable"], grads[PATHS[-1]]):
+        assert_close_rel(b, a)
