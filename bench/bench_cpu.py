@@ -1,10 +1,18 @@
-"""CPU benchmark of spallm.lut_linear against torch.matmul (fp32 and bf16 dense weights).
+"""CPU benchmark of spallm.lut_linear (both CPU paths) against torch.matmul with dense fp32/bf16 W.
 
     python bench/bench_cpu.py [--out bench/results/cpu_lut_linear.json] [--quick]
 
-Shapes: 4096x4096 and 11008x4096 (Llama-2-7B MLP), M in {1, 8, 64}, 4-bit, groups_per_row 1 and 4.
-The CPU op decodes W a tile at a time into fp32 and runs the tile through BLAS, so it should sit
-near the fp32 matmul: the decode is the overhead being measured.
+Shapes: 4096x4096 and 11008x4096 (Llama-2-7B MLP), M in {1, 2, 4, 8, 16, 32, 64}; 4-bit with
+groups_per_row 1 and 4, 3- and 2-bit with 4 (fp32 x), 4-bit groups 4 with bf16 x. Rows:
+
+* ``spallm``: the automatic CPU path (``cpu_path`` says which ran: "avx2_gemv" decodes W in
+  registers straight into FMAs up to 16 tokens, "avx2_tiles" / "portable_tiles" decode tiles of W
+  for BLAS),
+* ``spallm_portable``: the portable path forced (scalar decode + BLAS), where auto is not it,
+* ``torch_matmul_fp32`` / ``torch_matmul_bf16``: the dense layer the sketch replaces.
+
+Timed with time.perf_counter around whole calls (median; no cache flush: the weights, 8-45 MB of
+codes or 64-180 MB dense, exceed the caches anyway).
 """
 from __future__ import annotations
 
@@ -18,6 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import random_sketch, time_cpu, write_results  # noqa: E402
 
 import spallm_ext  # noqa: E402
+from spallm_ext import kernels  # noqa: E402
+
+# (bits, groups_per_row, x dtype names) of the sketch rows
+CONFIGS = [(4, 1, ("fp32", "bf16")), (4, 4, ("fp32", "bf16")), (3, 4, ("fp32",)), (2, 4, ("fp32",))]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def main() -> None:
@@ -26,32 +39,39 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one shape, fewer runs (smoke test)")
     args = ap.parse_args()
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
-    ms = [1, 8] if args.quick else [1, 8, 64]
-    secs = 0.1 if args.quick else 1.0
+    ms = [1, 8] if args.quick else [1, 2, 4, 8, 16, 32, 64]
+    secs = 0.1 if args.quick else 0.5
+    paths = [("spallm", "auto")] + ([("spallm_portable", "portable")] if "avx2" in kernels.cpu_kernels() else [])
     rows = []
-    print(f"{'N':>6} {'K':>5} {'M':>3} {'G':>2} {'impl':<14} {'x':<5} {'median_ms':>9} {'vs fp32 mm':>10}")
+    print(f"{'N':>6} {'K':>5} {'M':>3} {'b':>2} {'G':>2} {'impl':<16} {'x':<5} {'median_ms':>9} {'vs fp32 mm':>10}  path")
     for n, k in shapes:
+        sketches = {(b, g): random_sketch(n, k, b, g, "cpu") for b, g, _ in CONFIGS}
         for m in ms:
-            for dt in (torch.float32, torch.bfloat16):
+            base = {}
+            for dname, dt in DTYPES.items():
                 x = torch.randn(m, k, dtype=dt)
                 w = torch.randn(n, k, dtype=dt) * 0.02
                 dense = time_cpu(lambda: torch.matmul(x, w.T), min_seconds=secs)
-                dname = "fp32" if dt == torch.float32 else "bf16"
+                base[dname] = dense["median_us"]
                 rows.append({"impl": f"torch_matmul_{dname}", "M": m, "N": n, "K": k, "bits": 16,
                              "groups_per_row": 0, "adapters": 1, "x_dtype": dname, **dense})
-                if dt == torch.float32:
-                    base = dense["median_us"]
-                print(f"{n:>6} {k:>5} {m:>3} {'-':>2} {'matmul':<14} {dname:<5} {dense['median_us'] / 1e3:>9.3f} "
-                      f"{dense['median_us'] / base:>9.2f}x")
-                for g in (1, 4):
-                    codes, lut = random_sketch(n, k, 4, g, "cpu")
-                    t = time_cpu(lambda: spallm_ext.lut_linear(x, codes, lut), min_seconds=secs)
-                    rows.append({"impl": "spallm", "M": m, "N": n, "K": k, "bits": 4, "groups_per_row": g,
-                                 "adapters": 1, "x_dtype": dname, **t,
-                                 "ratio_to_matmul_fp32": t["median_us"] / base})
-                    print(f"{n:>6} {k:>5} {m:>3} {g:>2} {'spallm':<14} {dname:<5} {t['median_us'] / 1e3:>9.3f} "
-                          f"{t['median_us'] / base:>9.2f}x")
-    write_results(args.out, "cpu", rows, threads=torch.get_num_threads())
+                print(f"{n:>6} {k:>5} {m:>3} {'-':>2} {'-':>2} {'matmul':<16} {dname:<5} "
+                      f"{dense['median_us'] / 1e3:>9.3f} {dense['median_us'] / base['fp32']:>9.2f}x")
+            for bits, g, dnames in CONFIGS:
+                codes, lut = sketches[(bits, g)]
+                for dname in dnames:
+                    x = torch.randn(m, k, dtype=DTYPES[dname])
+                    for impl, path in paths:
+                        with kernels.use_cpu_kernel(path):
+                            t = time_cpu(lambda: spallm_ext.lut_linear(x, codes, lut), min_seconds=secs)
+                            plan = kernels.last_cpu_plan()
+                        rows.append({"impl": impl, "M": m, "N": n, "K": k, "bits": bits, "groups_per_row": g,
+                                     "adapters": 1, "x_dtype": dname, "cpu_path": plan, **t,
+                                     "ratio_to_matmul_fp32": t["median_us"] / base["fp32"]})
+                        print(f"{n:>6} {k:>5} {m:>3} {bits:>2} {g:>2} {impl:<16} {dname:<5} "
+                              f"{t['median_us'] / 1e3:>9.3f} {t['median_us'] / base['fp32']:>9.2f}x  {plan}")
+    write_results(args.out, "cpu", rows, threads=torch.get_num_threads(),
+                  cpu_simd=spallm_ext.build_info()["cpu_simd"])
 
 
 if __name__ == "__main__":
