@@ -157,3 +157,27 @@ def test_sketched_linear_forward_and_backward_on_both_paths():
         grads[path] = (y.detach(), xx.grad, layer.lut.grad.clone())
     for a, b in zip(grads["portable"], grads[PATHS[-1]]):
         assert_close_rel(b, a)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("m", [1, 6, 20], ids=["m1", "m6", "m20"])
+def test_non_finite_lut_entries(path, bits, m):
+    """An Inf that row 3 uses makes column 3 non-finite and nothing else; a NaN in an entry no code
+    refers to changes nothing (the vector lookup never does arithmetic on unselected entries)."""
+    n, k, groups = 6, 64, 2
+    codes_int = torch.randint(0, (1 << bits) - 1, (n, k), generator=torch.Generator().manual_seed(bits))
+    codes = spallm_ext.pack_codes(codes_int, bits)  # never uses the last entry
+    lut = randn(n, groups, 1 << bits, seed=1)
+    x = randn(m, k, seed=2).abs() + 0.5  # positive: Inf * x stays Inf
+    kernels.set_cpu_kernel(path)
+    clean = spallm_ext.lut_linear(x, codes, lut)
+    lut_nan = lut.clone()
+    lut_nan[:, :, -1] = float("nan")
+    assert torch.equal(spallm_ext.lut_linear(x, codes, lut_nan), clean)
+    lut_inf = lut.clone()
+    lut_inf[3, 1, int(codes_int[3, k - 1])] = float("inf")
+    y = spallm_ext.lut_linear(x, codes, lut_inf)
+    assert torch.isinf(y[:, 3]).all()
+    others = [i for i in range(n) if i != 3]
+    assert torch.equal(y[:, others], clean[:, others])
