@@ -181,3 +181,17 @@ def test_non_finite_lut_entries(path, bits, m):
     assert torch.isinf(y[:, 3]).all()
     others = [i for i in range(n) if i != 3]
     assert torch.equal(y[:, others], clean[:, others])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("lut_dtype", [torch.float32, torch.bfloat16], ids=["lut32", "lut16b"])
+def test_several_row_tiles(path, lut_dtype):
+    """300 x 4096 is two row tiles of the decode (2^20 weights each): every tile must decode its own
+    codes and LUT rows."""
+    codes, lut = make_sketch(300, 4096, 4, 4, lut_dtype=lut_dtype, seed=11)
+    x, dy = randn(20, 4096, seed=12), randn(20, 300, seed=13)
+    kernels.set_cpu_kernel(path)
+    y = spallm_ext.lut_linear(x, codes, lut)
+    assert kernels.last_cpu_plan() == expected_plan(path, 20, 1024, torch.float32)
+    assert_close_rel(y, reference.lut_linear(x, codes, lut))
+    assert_close_rel(spallm_ext.lut_linear_dx(dy, codes, lut), reference.lut_linear_dx(dy, codes, lut))

@@ -46,12 +46,13 @@ bool use_avx2() {
   return p != CpuPath::kPortable && cpu::avx2_available();
 }
 
-// The vector kernels' view of a sketch; `lut32` must stay alive while it is used.
+// The vector kernels' view of rows of a sketch (`codes` and `lut32`, fp32, may be row slices:
+// rows then count from the slice's first); `lut32` must stay alive while it is used.
 cpu::CodeRows code_rows(const LutShape& s, const at::Tensor& codes, const at::Tensor& lut32) {
   cpu::CodeRows w;
   w.codes = codes.data_ptr<uint8_t>();
   w.lut = lut32.data_ptr<float>();
-  w.N = s.N;
+  w.N = codes.size(0);
   w.K = s.K;
   w.G = s.G;
   w.E = s.E;
@@ -63,10 +64,7 @@ cpu::CodeRows code_rows(const LutShape& s, const at::Tensor& codes, const at::Te
 
 // Whether this call's fp32 work can take the vector kernels.
 bool avx2_applies(const LutShape& s, at::ScalarType acc) {
-  cpu::CodeRows w;
-  w.K = s.K;
-  w.group_size = s.group_size;
-  return acc == at::kFloat && use_avx2() && cpu::avx2_supports(w);
+  return acc == at::kFloat && use_avx2() && cpu::avx2_supports(s.K, s.group_size);
 }
 
 int64_t tile_rows(const LutShape& s) {
@@ -100,11 +98,12 @@ at::Tensor decode_tile(const LutShape& s, const at::Tensor& codes, const at::Ten
                        int64_t rows, at::ScalarType out_type) {
   at::Tensor out = at::empty({rows, s.K}, lut.options().dtype(out_type));
   if (out_type == at::kFloat && avx2_applies(s, at::kFloat)) {
-    const at::Tensor lut32 = lut.to(at::kFloat).contiguous();
-    const cpu::CodeRows w = code_rows(s, codes, lut32);
+    // Only this tile's LUT rows are converted (a no-op for an fp32 LUT).
+    const at::Tensor lut32 = lut.narrow(0, r0, rows).to(at::kFloat).contiguous();
+    const cpu::CodeRows w = code_rows(s, codes.narrow(0, r0, rows), lut32);
     float* o = out.data_ptr<float>();
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      cpu::decode_rows_avx2(w, r0 + begin, r0 + end, o + begin * s.K);
+      cpu::decode_rows_avx2(w, begin, end, o + begin * s.K);
     });
     return out;
   }

@@ -28,9 +28,11 @@ struct CodeRows {
 bool avx2_available();
 
 // Whether the vector kernels take this shape: eight-column chunks that never straddle a group.
-inline bool avx2_supports(const CodeRows& w) { return w.group_size % 8 == 0 && w.K % 8 == 0; }
+inline bool avx2_supports(int64_t in_features, int64_t group_size) {
+  return group_size % 8 == 0 && in_features % 8 == 0;
+}
 
-// out[(r - r0) * K + c] = W[r, c] for rows r0 <= r < r1. Requires avx2_available() and avx2_supports(w).
+// out[(r - r0) * K + c] = W[r, c] for rows r0 <= r < r1. Requires avx2_available() and avx2_supports(K, group_size).
 void decode_rows_avx2(const CodeRows& w, int64_t r0, int64_t r1, float* out);
 
 // y[m * N + r] = sum_c x[m * K + c] W[r, c] for rows r0 <= r < r1 and all M tokens of x (fp32,
