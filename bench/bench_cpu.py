@@ -2,12 +2,15 @@
 
     python bench/bench_cpu.py [--out bench/results/cpu_lut_linear.json] [--quick]
 
-Shapes: 4096x4096 and 11008x4096 (Llama-2-7B MLP), M in {1, 2, 4, 8, 16, 32, 64}; 4-bit with
-groups_per_row 1 and 4, 3- and 2-bit with 4 (fp32 x), 4-bit groups 4 with bf16 x. Rows:
+Shapes: 4096x4096 and 11008x4096 (Llama-2-7B MLP), M in {1, 2, 4, 8, 16, 32, 64, 256}; 4-bit
+with groups_per_row 1 and 4, 3- and 2-bit with 4, as fp32 models (x and LUT fp32) and, for 4-bit,
+as bf16 models (x and LUT bf16, what model.to(torch.bfloat16) gives). Rows:
 
 * ``spallm``: the automatic CPU path (``cpu_path`` says which ran: "avx2_gemv" decodes W in
-  registers straight into FMAs up to 16 tokens, "avx2_tiles" / "portable_tiles" decode tiles of W
-  for BLAS),
+  registers straight into FMAs up to 16 tokens, "bf16_tiles" decodes bf16 tiles of W for torch's
+  bf16 matmul (bf16 models from 8 tokens on, where the CPU multiplies bf16 natively), "avx2_tiles" /
+  "portable_tiles" decode fp32 tiles of W for BLAS),
+* ``spallm_avx2``: bf16 models with the fp32 vector path forced, where auto takes bf16 tiles,
 * ``spallm_portable``: the portable path forced (scalar decode + BLAS), where auto is not it,
 * ``torch_matmul_fp32`` / ``torch_matmul_bf16``: the dense layer the sketch replaces.
 
@@ -28,7 +31,7 @@ from common import random_sketch, time_cpu, write_results  # noqa: E402
 import spallm_ext  # noqa: E402
 from spallm_ext import kernels  # noqa: E402
 
-# (bits, groups_per_row, x dtype names) of the sketch rows
+# (bits, groups_per_row, model dtype names: x and LUT in that dtype) of the sketch rows
 CONFIGS = [(4, 1, ("fp32", "bf16")), (4, 4, ("fp32", "bf16")), (3, 4, ("fp32",)), (2, 4, ("fp32",))]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -39,9 +42,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one shape, fewer runs (smoke test)")
     args = ap.parse_args()
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
-    ms = [1, 8] if args.quick else [1, 2, 4, 8, 16, 32, 64]
+    ms = [1, 8] if args.quick else [1, 2, 4, 8, 16, 32, 64, 256]
     secs = 0.1 if args.quick else 0.5
-    paths = [("spallm", "auto")] + ([("spallm_portable", "portable")] if "avx2" in kernels.cpu_kernels() else [])
+    has_avx2 = "avx2" in kernels.cpu_kernels()
+    paths = [("spallm", "auto")] + ([("spallm_portable", "portable")] if has_avx2 else [])
+    bf16_paths = paths[:1] + ([("spallm_avx2", "avx2")] if spallm_ext.build_info()["cpu_bf16"] else []) + paths[1:]
     rows = []
     print(f"{'N':>6} {'K':>5} {'M':>3} {'b':>2} {'G':>2} {'impl':<16} {'x':<5} {'median_ms':>9} {'vs fp32 mm':>10}  path")
     for n, k in shapes:
@@ -58,20 +63,21 @@ def main() -> None:
                 print(f"{n:>6} {k:>5} {m:>3} {'-':>2} {'-':>2} {'matmul':<16} {dname:<5} "
                       f"{dense['median_us'] / 1e3:>9.3f} {dense['median_us'] / base['fp32']:>9.2f}x")
             for bits, g, dnames in CONFIGS:
-                codes, lut = sketches[(bits, g)]
                 for dname in dnames:
+                    codes, lut = sketches[(bits, g)]
+                    lut = lut.to(DTYPES[dname])
                     x = torch.randn(m, k, dtype=DTYPES[dname])
-                    for impl, path in paths:
+                    for impl, path in (bf16_paths if dname == "bf16" else paths):
                         with kernels.use_cpu_kernel(path):
                             t = time_cpu(lambda: spallm_ext.lut_linear(x, codes, lut), min_seconds=secs)
                             plan = kernels.last_cpu_plan()
                         rows.append({"impl": impl, "M": m, "N": n, "K": k, "bits": bits, "groups_per_row": g,
-                                     "adapters": 1, "x_dtype": dname, "cpu_path": plan, **t,
+                                     "adapters": 1, "x_dtype": dname, "lut_dtype": dname, "cpu_path": plan, **t,
                                      "ratio_to_matmul_fp32": t["median_us"] / base["fp32"]})
                         print(f"{n:>6} {k:>5} {m:>3} {bits:>2} {g:>2} {impl:<16} {dname:<5} "
                               f"{t['median_us'] / 1e3:>9.3f} {t['median_us'] / base['fp32']:>9.2f}x  {plan}")
     write_results(args.out, "cpu", rows, threads=torch.get_num_threads(),
-                  cpu_simd=spallm_ext.build_info()["cpu_simd"])
+                  cpu_simd=spallm_ext.build_info()["cpu_simd"], cpu_bf16=spallm_ext.build_info()["cpu_bf16"])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Smoke test of bench/bench_cpu.py --quick: it runs, writes the documented schema, and its rows
-say which CPU path ran (the fused pass at decode sizes where the CPU has AVX2)."""
+say which CPU path ran (the fused pass at decode sizes where the CPU has AVX2, bf16 tiles for bf16
+models from 8 tokens on where it multiplies bf16 natively)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+import spallm_ext
 from spallm_ext import kernels
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_cpu.py"
@@ -16,19 +20,29 @@ def test_quick_run_writes_both_paths(tmp_path):
     out = tmp_path / "cpu.json"
     subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(out)], check=True, capture_output=True)
     data = json.loads(out.read_text())
-    for key in ("device", "torch", "cuda", "commit", "rows", "threads", "cpu_simd"):
+    for key in ("device", "torch", "cuda", "commit", "rows", "threads", "cpu_simd", "cpu_bf16"):
         assert key in data, key
     rows = data["rows"]
     has_avx2 = "avx2" in kernels.cpu_kernels()
+    bf16 = spallm_ext.build_info()["cpu_bf16"]
+    auto_bf16 = bf16 and torch.backends.mkldnn.is_available()
     impls = {r["impl"] for r in rows}
     assert {"torch_matmul_fp32", "torch_matmul_bf16", "spallm"} <= impls
     assert ("spallm_portable" in impls) == has_avx2
+    assert ("spallm_avx2" in impls) == bf16
     for r in rows:
         for key in ("impl", "M", "N", "K", "bits", "groups_per_row", "adapters", "median_us"):
             assert key in r, (key, r)
         assert r["median_us"] > 0
         if r["impl"] == "spallm":
-            assert r["cpu_path"] == ("avx2_gemv" if has_avx2 else "portable_tiles")
+            if not has_avx2:
+                assert r["cpu_path"] == "portable_tiles"
+            elif auto_bf16 and r["x_dtype"] == "bf16" and r["M"] >= 8:
+                assert r["cpu_path"] == "bf16_tiles"
+            else:
+                assert r["cpu_path"] == "avx2_gemv"
+        if r["impl"] == "spallm_avx2":
+            assert r["cpu_path"] == "avx2_gemv" and r["x_dtype"] == r["lut_dtype"] == "bf16"
         if r["impl"] == "spallm_portable":
             assert r["cpu_path"] == "portable_tiles"
     assert {r["bits"] for r in rows if r["impl"] == "spallm"} == {2, 3, 4}

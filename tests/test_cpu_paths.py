@@ -1,7 +1,8 @@
-"""The two CPU paths (csrc/cpu/lut_ops_cpu.cpp): "portable" (scalar decode + BLAS) and "avx2"
-(vector decode; a fused in-register pass up to 16 tokens), each against the reference, against
-each other, and the choice itself. "avx2" runs wherever the CPU has it (CI's x86 machines do);
-elsewhere the tests check that asking for it fails clearly and that the portable path is used."""
+"""The CPU paths (csrc/cpu/lut_ops_cpu.cpp): "portable" (scalar decode + BLAS), "avx2" (vector
+decode; a fused in-register pass up to 16 tokens) and "bf16" (as "avx2", plus bf16 tiles for bf16
+models from 8 tokens on), each against the reference, against each other, and the choice itself.
+"avx2" and "bf16" run wherever the CPU has AVX2 (CI's x86 machines do); elsewhere the tests check
+that asking for them fails clearly and that the portable path is used."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,9 @@ from spallm_ext import kernels, reference
 from conftest import ALL_BITS, assert_close_rel, make_sketch, randn
 
 HAS_AVX2 = "avx2" in kernels.cpu_kernels()
-PATHS = kernels.cpu_kernels()[1:]  # "portable", and "avx2" where this CPU has it
+PATHS = kernels.cpu_kernels()[1:]  # "portable", and "avx2" and "bf16" where this CPU has AVX2
+# Whether "auto" takes the bf16 tiles: native bf16 dot products and torch's bf16 matmul on oneDNN.
+AUTO_BF16 = bool(spallm_ext.build_info()["cpu_bf16"]) and torch.backends.mkldnn.is_available()
 
 # (bits, groups, in_features): group sizes 8, 16, 64, 256 (vector chunks never straddle a group)
 VECTOR_SHAPES = [(4, 1, 8), (4, 4, 64), (4, 2, 512), (3, 1, 8), (3, 8, 128), (3, 1, 256),
@@ -29,10 +32,28 @@ def _restore_cpu_kernel():
     kernels.set_cpu_kernel(before)
 
 
-def expected_plan(path: str, m: int, group_size: int, acc: torch.dtype) -> str:
+def expected_plan(path: str, m: int, group_size: int, acc: torch.dtype, x_dtype: torch.dtype = torch.float32,
+                  lut_dtype: torch.dtype = torch.float32) -> str:
     if path == "portable" or acc != torch.float32 or group_size % 8:
         return "portable_tiles"
+    bf16_tiles = path == "bf16" or (path == "auto" and AUTO_BF16)
+    if bf16_tiles and m >= 8 and x_dtype == lut_dtype == torch.bfloat16:
+        return "bf16_tiles"
     return "avx2_gemv" if m <= 16 else "avx2_tiles"
+
+
+def assert_one_bf16_rounding(y: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor,
+                             bias: torch.Tensor | None = None) -> None:
+    """y (bf16) is the exact product rounded once to bf16, up to fp32 summation order: within half
+    a bf16 ulp of the fp64 result plus a small multiple of fp32 rounding of the terms. A second
+    rounding, W rounded from an fp32 LUT or a wrong tile exceeds it."""
+    assert y.dtype == torch.bfloat16
+    w = reference.lut_decode(codes, lut).double()
+    exact = x.double() @ w.T + (0 if bias is None else bias.double())
+    terms = x.double().abs() @ w.abs().T + (0 if bias is None else bias.double().abs())
+    bound = 2.0**-8 * exact.abs() + 2.0**-18 * terms
+    err = (y.double() - exact).abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3e}"
 
 
 def test_path_names_and_errors():
@@ -46,20 +67,32 @@ def test_path_names_and_errors():
     with pytest.raises(ValueError, match="kernel must be one of"):
         kernels.set_cpu_kernel(4)
     if HAS_AVX2:
-        kernels.set_cpu_kernel("avx2")
-        assert kernels.cpu_kernel() == "avx2"
+        assert kernels.cpu_kernels() == ("auto", "portable", "avx2", "bf16")
+        for name in ("avx2", "bf16"):
+            kernels.set_cpu_kernel(name)
+            assert kernels.cpu_kernel() == name
         assert spallm_ext.build_info()["cpu_simd"] == "avx2+fma"
     else:
-        with pytest.raises(ValueError, match="not available on this CPU"):
-            kernels.set_cpu_kernel("avx2")
+        assert kernels.cpu_kernels() == ("auto", "portable")
+        for name in ("avx2", "bf16"):
+            with pytest.raises(ValueError, match="not available on this CPU"):
+                kernels.set_cpu_kernel(name)
         assert kernels.cpu_kernel() == "auto"
         assert spallm_ext.build_info()["cpu_simd"] == "none"
+        assert spallm_ext.build_info()["cpu_bf16"] is False
 
 
 def test_auto_is_the_best_path_this_cpu_has():
     codes, lut = make_sketch(8, 64, 4, 2)
     spallm_ext.lut_linear(randn(3, 64), codes, lut)
     assert kernels.last_cpu_plan() == ("avx2_gemv" if HAS_AVX2 else "portable_tiles")
+    # A bf16 model: bf16 tiles from 8 tokens on where this CPU multiplies bf16 natively.
+    lut16 = lut.bfloat16()
+    spallm_ext.lut_linear(randn(7, 64, dtype=torch.bfloat16), codes, lut16)
+    assert kernels.last_cpu_plan() == ("avx2_gemv" if HAS_AVX2 else "portable_tiles")
+    spallm_ext.lut_linear(randn(8, 64, dtype=torch.bfloat16), codes, lut16)
+    assert kernels.last_cpu_plan() == expected_plan("auto" if HAS_AVX2 else "portable", 8, 32, torch.float32,
+                                                    torch.bfloat16, torch.bfloat16)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -86,14 +119,17 @@ def test_lut_linear_matches_reference(path, bits, groups, k, m):
                          ids=["fp32", "bf16", "fp16", "fp64"])
 @pytest.mark.parametrize("lut_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["lut32", "lut16b", "lut16"])
 @pytest.mark.parametrize("bits", ALL_BITS)
-def test_dtypes(path, act_dtype, lut_dtype, bits):
+@pytest.mark.parametrize("m", [5, 9], ids=["m5", "m9"])
+def test_dtypes(path, act_dtype, lut_dtype, bits, m):
     codes, lut = make_sketch(24, 128, bits, 2, lut_dtype=lut_dtype, seed=bits)
-    x = randn(5, 128, dtype=act_dtype, seed=3)
+    x = randn(m, 128, dtype=act_dtype, seed=3)
     kernels.set_cpu_kernel(path)
     y = spallm_ext.lut_linear(x, codes, lut)
     acc = torch.float64 if act_dtype == torch.float64 else torch.float32
-    assert kernels.last_cpu_plan() == expected_plan(path, 5, 64, acc)
+    assert kernels.last_cpu_plan() == expected_plan(path, m, 64, acc, act_dtype, lut_dtype)
     assert_close_rel(y, reference.lut_linear(x, codes, lut))
+    if act_dtype == torch.bfloat16:
+        assert_one_bf16_rounding(y, x, codes, lut)
     assert torch.equal(spallm_ext.lut_decode(codes, lut), reference.lut_decode(codes, lut))
 
 
@@ -184,14 +220,72 @@ def test_non_finite_lut_entries(path, bits, m):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("lut_dtype", [torch.float32, torch.bfloat16], ids=["lut32", "lut16b"])
-def test_several_row_tiles(path, lut_dtype):
+def test_several_row_tiles(path, dtype, lut_dtype):
     """300 x 4096 is two row tiles of the decode (2^20 weights each): every tile must decode its own
-    codes and LUT rows."""
+    codes and LUT rows and add its own part of the bias."""
     codes, lut = make_sketch(300, 4096, 4, 4, lut_dtype=lut_dtype, seed=11)
-    x, dy = randn(20, 4096, seed=12), randn(20, 300, seed=13)
+    x, dy, bias = randn(20, 4096, dtype=dtype, seed=12), randn(20, 300, dtype=dtype, seed=13), randn(300, dtype=dtype, seed=14)
     kernels.set_cpu_kernel(path)
-    y = spallm_ext.lut_linear(x, codes, lut)
-    assert kernels.last_cpu_plan() == expected_plan(path, 20, 1024, torch.float32)
-    assert_close_rel(y, reference.lut_linear(x, codes, lut))
+    y = spallm_ext.lut_linear(x, codes, lut, bias)
+    assert kernels.last_cpu_plan() == expected_plan(path, 20, 1024, torch.float32, dtype, lut_dtype)
+    assert_close_rel(y, reference.lut_linear(x, codes, lut, bias))
+    if dtype == torch.bfloat16:
+        assert_one_bf16_rounding(y, x, codes, lut, bias)
     assert_close_rel(spallm_ext.lut_linear_dx(dy, codes, lut), reference.lut_linear_dx(dy, codes, lut))
+
+
+def force_bf16_tiles() -> bool:
+    """Force the "bf16" path; without AVX2 check that it is refused clearly and say so."""
+    if HAS_AVX2:
+        kernels.set_cpu_kernel("bf16")
+        return True
+    with pytest.raises(ValueError, match="not available on this CPU"):
+        kernels.set_cpu_kernel("bf16")
+    return False
+
+
+@pytest.mark.parametrize("bits,groups,k", VECTOR_SHAPES, ids=[f"b{b}-g{g}-k{k}" for b, g, k in VECTOR_SHAPES])
+@pytest.mark.parametrize("m", [8, 9, 17, 40], ids=["m8", "m9", "m17", "m40"])
+def test_bf16_tiles(bits, groups, k, m):
+    """The bf16 tiles (forced, so they run on any AVX2 CPU): 3-D input with bias, one rounding, and
+    the bf16 decode bit for bit the reference's (the values are the LUT's own)."""
+    if not force_bf16_tiles():
+        return
+    n = 13
+    codes, lut = make_sketch(n, k, bits, groups, lut_dtype=torch.bfloat16, seed=bits * 100 + k + m)
+    x, bias = randn(1, m, k, dtype=torch.bfloat16, seed=m), randn(n, dtype=torch.bfloat16, seed=m + 1)
+    y = spallm_ext.lut_linear(x, codes, lut, bias)
+    assert kernels.last_cpu_plan() == "bf16_tiles"
+    assert y.shape == (1, m, n)
+    assert_close_rel(y, reference.lut_linear(x, codes, lut, bias))
+    assert_one_bf16_rounding(y[0], x[0], codes, lut, bias)
+    assert torch.equal(spallm_ext.lut_decode(codes, lut), reference.lut_decode(codes, lut))
+    assert torch.equal(y, spallm_ext.lut_linear(x, codes, lut, bias)), "not repeatable"
+
+
+@pytest.mark.parametrize("mode", ["zeros", "max", "alternating", "equal"])
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_bf16_tiles_adversarial_and_non_finite(mode, bits):
+    """Adversarial codes through the bf16 decode, and an Inf / a NaN in the bf16 LUT: the decode
+    moves bit patterns, so an Inf stays in its column and an unused NaN changes nothing."""
+    if not force_bf16_tiles():
+        return
+    n, k = 9, 64
+    codes, lut = make_sketch(n, k, bits, 1, mode=mode, lut_dtype=torch.bfloat16, seed=bits)
+    x = randn(12, k, dtype=torch.bfloat16, seed=1).abs() + 0.5
+    clean = spallm_ext.lut_linear(x, codes, lut)
+    assert kernels.last_cpu_plan() == "bf16_tiles"
+    assert_one_bf16_rounding(clean, x, codes, lut)
+    assert torch.equal(spallm_ext.lut_decode(codes, lut), reference.lut_decode(codes, lut))
+    used = spallm_ext.unpack_codes(codes, bits)
+    lut_bad = lut.clone()
+    lut_bad[4, 0, int(used[4, 0])] = float("inf")
+    unused = [e for e in range(1 << bits) if not (used == e).any()]
+    if unused:
+        lut_bad[:, :, unused[0]] = float("nan")
+    y = spallm_ext.lut_linear(x, codes, lut_bad)
+    assert torch.isinf(y[:, 4]).all()
+    others = [i for i in range(n) if i != 4]
+    assert torch.equal(y[:, others], clean[:, others])

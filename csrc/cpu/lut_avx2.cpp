@@ -20,6 +20,11 @@ bool avx2_available() {
   return ok;
 }
 
+bool native_bf16_available() {
+  static const bool ok = avx2_available() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
 namespace {
 
 #define SPALLM_AVX2 __attribute__((target("avx2,fma"))) inline
@@ -98,17 +103,28 @@ SPALLM_AVX2 float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
-template <int BITS>
-__attribute__((target("avx2,fma"))) void decode_rows(const CodeRows& w, int64_t r0, int64_t r1, float* out) {
+// Eight decoded weights to memory: fp32 as they are, or the high halves of the fp32 words as bf16
+// (exact for values that came from bf16; vpackusdw packs within 128-bit lanes, so a cross-lane
+// permute restores column order).
+SPALLM_AVX2 void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
+
+SPALLM_AVX2 void store8(uint16_t* out, __m256 v) {
+  const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(hi, hi), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(packed));
+}
+
+template <int BITS, typename out_t>
+__attribute__((target("avx2,fma"))) void decode_rows(const CodeRows& w, int64_t r0, int64_t r1, out_t* out) {
   const int64_t chunks = w.group_size / 8;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* crow = w.codes + r * w.row_bytes;
-    float* orow = out + (r - r0) * w.K;
+    out_t* orow = out + (r - r0) * w.K;
     for (int64_t g = 0; g < w.G; ++g) {
       const Table<BITS> t = load_table<BITS>(w.lut + (r * w.G + g) * w.E);
       const int64_t q0 = g * chunks;
       for (int64_t q = q0; q < q0 + chunks; ++q) {
-        _mm256_storeu_ps(orow + 8 * q, lookup8<BITS>(t, codes8<BITS>(crow + BITS * q)));
+        store8(orow + 8 * q, lookup8<BITS>(t, codes8<BITS>(crow + BITS * q)));
       }
     }
   }
@@ -180,6 +196,10 @@ void decode_rows_avx2(const CodeRows& w, int64_t r0, int64_t r1, float* out) {
   dispatch_bits(w.bits, [&](auto b) { decode_rows<decltype(b)::value>(w, r0, r1, out); });
 }
 
+void decode_rows_avx2_bf16(const CodeRows& w, int64_t r0, int64_t r1, uint16_t* out) {
+  dispatch_bits(w.bits, [&](auto b) { decode_rows<decltype(b)::value>(w, r0, r1, out); });
+}
+
 void gemv_rows_avx2(const CodeRows& w, const float* x, int64_t M, int64_t r0, int64_t r1, float* y) {
   dispatch_bits(w.bits, [&](auto b) { gemv_rows<decltype(b)::value>(w, x, M, r0, r1, y); });
 }
@@ -187,7 +207,9 @@ void gemv_rows_avx2(const CodeRows& w, const float* x, int64_t M, int64_t r0, in
 #else  // no AVX2 kernels in this build: callers check avx2_available() first.
 
 bool avx2_available() { return false; }
+bool native_bf16_available() { return false; }
 void decode_rows_avx2(const CodeRows&, int64_t, int64_t, float*) {}
+void decode_rows_avx2_bf16(const CodeRows&, int64_t, int64_t, uint16_t*) {}
 void gemv_rows_avx2(const CodeRows&, const float*, int64_t, int64_t, int64_t, float*) {}
 
 #endif

@@ -15,6 +15,12 @@
 // kGemvMaxTokens tokens skip the tile and BLAS altogether: W is decoded in registers straight into
 // FMAs with the tokens (a GEMV-style pass, memory traffic = the codes). kernels.set_cpu_kernel
 // forces either path for tests and benchmarks.
+//
+// bf16 models (x and LUT both bf16) from kBf16MinTokens tokens on take bf16 tiles where the CPU
+// multiplies bf16 natively: the vector decode writes bf16 (exact, the values are the LUT's) and
+// oneDNN's bf16 GEMM, fp32 accumulation and one rounding like the fp32 tiles, runs at about four
+// times this path's fp32 rate on an AVX512-BF16 CPU (bench/bench_cpu.py). Only the summation order
+// differs from the reference.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -37,13 +43,31 @@ constexpr int64_t kTileElems = int64_t(1) << 20;
 // the crossover; at 32 tokens BLAS's blocking wins on the 2-core CI machine).
 constexpr int64_t kGemvMaxTokens = 16;
 
-enum class CpuPath { kAuto, kPortable, kAvx2 };
+// From this many tokens a bf16 model takes the bf16 tiles instead (where they apply): decoding
+// all of W once per call then costs less than the register pass's fp32 FMAs (the crossover was 6
+// to 8 tokens on 4096 x 4096 and 11008 x 4096 with the 2-core AVX512-BF16 machine of
+// bench/results/cpu_lut_linear.json).
+constexpr int64_t kBf16MinTokens = 8;
+
+enum class CpuPath { kAuto, kPortable, kAvx2, kBf16 };
 std::atomic<CpuPath> g_cpu_path{CpuPath::kAuto};
 thread_local std::string g_last_cpu_plan = "none";
 
 bool use_avx2() {
   const CpuPath p = g_cpu_path.load();
   return p != CpuPath::kPortable && cpu::avx2_available();
+}
+
+// "bf16" can be forced on any AVX2 CPU (oneDNN, or ATen without it, then converts), so its results
+// are testable everywhere; "auto" takes it only where it is fast: native bf16 dot products and a
+// torch whose bf16 matmul goes to oneDNN.
+bool bf16_path_available() { return cpu::avx2_available(); }
+
+bool use_bf16_tiles() {
+  const CpuPath p = g_cpu_path.load();
+  if (p == CpuPath::kBf16) return bf16_path_available();
+  return p == CpuPath::kAuto && cpu::native_bf16_available() && at::hasMKLDNN() &&
+         at::globalContext().userEnabledMkldnn();
 }
 
 // The vector kernels' view of rows of a sketch (`codes` and `lut32`, fp32, may be row slices:
@@ -65,6 +89,12 @@ cpu::CodeRows code_rows(const LutShape& s, const at::Tensor& codes, const at::Te
 // Whether this call's fp32 work can take the vector kernels.
 bool avx2_applies(const LutShape& s, at::ScalarType acc) {
   return acc == at::kFloat && use_avx2() && cpu::avx2_supports(s.K, s.group_size);
+}
+
+// Whether lut_linear with M tokens takes the bf16 tiles (x, LUT and bias all bf16).
+bool bf16_tiles_apply(const LutShape& s, const at::Tensor& x, const at::Tensor& lut, int64_t M) {
+  return M >= kBf16MinTokens && x.scalar_type() == at::kBFloat16 && lut.scalar_type() == at::kBFloat16 &&
+         cpu::avx2_supports(s.K, s.group_size) && use_bf16_tiles();
 }
 
 int64_t tile_rows(const LutShape& s) {
@@ -97,13 +127,19 @@ void decode_rows(const LutShape& s, const uint8_t* codes, const lut_t* lut, int6
 at::Tensor decode_tile(const LutShape& s, const at::Tensor& codes, const at::Tensor& lut, int64_t r0,
                        int64_t rows, at::ScalarType out_type) {
   at::Tensor out = at::empty({rows, s.K}, lut.options().dtype(out_type));
-  if (out_type == at::kFloat && avx2_applies(s, at::kFloat)) {
+  // The vector decode writes fp32, or bf16 from a bf16 LUT (bf16 -> fp32 -> bf16 is exact).
+  const bool to_bf16 = out_type == at::kBFloat16 && lut.scalar_type() == at::kBFloat16;
+  if ((out_type == at::kFloat || to_bf16) && avx2_applies(s, at::kFloat)) {
     // Only this tile's LUT rows are converted (a no-op for an fp32 LUT).
     const at::Tensor lut32 = lut.narrow(0, r0, rows).to(at::kFloat).contiguous();
     const cpu::CodeRows w = code_rows(s, codes.narrow(0, r0, rows), lut32);
-    float* o = out.data_ptr<float>();
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      cpu::decode_rows_avx2(w, begin, end, o + begin * s.K);
+      if (to_bf16) {
+        auto* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+        cpu::decode_rows_avx2_bf16(w, begin, end, o + begin * s.K);
+      } else {
+        cpu::decode_rows_avx2(w, begin, end, out.data_ptr<float>() + begin * s.K);
+      }
     });
     return out;
   }
@@ -127,6 +163,20 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
   check_activation(op, "x", x, s.K, /*allow_double=*/true);
   check_same_device(op, "x", x, "codes", codes);
   if (bias.has_value()) check_bias(op, *bias, x, s.N);
+  if (bf16_tiles_apply(s, x, lut, as_tokens(x).size(0))) {
+    g_last_cpu_plan = "bf16_tiles";
+    const at::Tensor xb = as_tokens(x).contiguous();
+    at::Tensor y = at::empty({xb.size(0), s.N}, x.options());
+    const int64_t step = tile_rows(s);
+    for (int64_t r0 = 0; r0 < s.N; r0 += step) {
+      const int64_t rows = std::min(step, s.N - r0);
+      const at::Tensor w = decode_tile(s, codes, lut, r0, rows, at::kBFloat16);
+      // addmm adds the bias to the fp32 accumulator before the one rounding to bf16.
+      y.narrow(1, r0, rows).copy_(bias.has_value() ? at::addmm(bias->narrow(0, r0, rows), xb, w.t())
+                                                    : at::mm(xb, w.t()));
+    }
+    return with_token_dims(y, x.sizes(), s.N);
+  }
   const at::ScalarType acc = acc_type(x.scalar_type());
   const at::Tensor xa = as_tokens(x).to(acc).contiguous();
   const int64_t M = xa.size(0);
@@ -244,6 +294,8 @@ bool set_cpu_kernel(const std::string& name) {
     g_cpu_path = CpuPath::kPortable;
   } else if (name == "avx2" && cpu::avx2_available()) {
     g_cpu_path = CpuPath::kAvx2;
+  } else if (name == "bf16" && bf16_path_available()) {
+    g_cpu_path = CpuPath::kBf16;
   } else {
     return false;
   }
@@ -254,6 +306,7 @@ std::string cpu_kernel() {
   switch (g_cpu_path.load()) {
     case CpuPath::kPortable: return "portable";
     case CpuPath::kAvx2: return "avx2";
+    case CpuPath::kBf16: return "bf16";
     default: return "auto";
   }
 }
@@ -261,6 +314,7 @@ std::string cpu_kernel() {
 std::vector<std::string> cpu_kernels() {
   std::vector<std::string> names{"auto", "portable"};
   if (cpu::avx2_available()) names.push_back("avx2");
+  if (bf16_path_available()) names.push_back("bf16");
   return names;
 }
 
