@@ -82,6 +82,7 @@ def test_path_names_and_errors():
         assert spallm_ext.build_info()["cpu_bf16"] is False
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's mkldnn.flags, not ours
 def test_auto_is_the_best_path_this_cpu_has():
     codes, lut = make_sketch(8, 64, 4, 2)
     spallm_ext.lut_linear(randn(3, 64), codes, lut)
@@ -93,6 +94,10 @@ def test_auto_is_the_best_path_this_cpu_has():
     spallm_ext.lut_linear(randn(8, 64, dtype=torch.bfloat16), codes, lut16)
     assert kernels.last_cpu_plan() == expected_plan("auto" if HAS_AVX2 else "portable", 8, 32, torch.float32,
                                                     torch.bfloat16, torch.bfloat16)
+    # ... and never when torch's bf16 matmul does not run on oneDNN.
+    with torch.backends.mkldnn.flags(enabled=False):
+        spallm_ext.lut_linear(randn(8, 64, dtype=torch.bfloat16), codes, lut16)
+    assert kernels.last_cpu_plan() == ("avx2_gemv" if HAS_AVX2 else "portable_tiles")
 
 
 @pytest.mark.parametrize("path", PATHS)
