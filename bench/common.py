@@ -22,9 +22,11 @@ def git_commit() -> str:
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        # Result files written by an earlier benchmark of the same run do not change the code measured.
+        # Result files written by an earlier benchmark of the same run, and prose, do not change the
+        # code measured.
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)bench/results"], cwd=root, capture_output=True, text=True).stdout.strip()
+                                ":(exclude)bench/results", ":(exclude,glob)**/*.md"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except OSError:
         return os.environ.get("SPALLM_COMMIT", "unknown")
