@@ -11,8 +11,8 @@ codes it holds, so calibration would change nothing here. The bf16 model is the 
 model.to(torch.bfloat16) (LUTs bf16, codes unchanged). Rows (``dtype`` fp32 or bf16):
 ``dense`` and ``spallm`` (automatic CPU path), plus the fp32 model's ``spallm_portable`` (scalar
 decode + BLAS forced) and the bf16 model's ``spallm_avx2`` (fp32 vector path forced, where auto
-takes bf16 tiles). Each has ``tokens_per_s`` over ``new_tokens`` generated after one warm-up
-generate, ``prefill_ms`` (median of 3 forwards of ``prefill_tokens`` tokens) and
+takes bf16 tiles). Each has ``tokens_per_s`` over ``new_tokens`` generated (median of 3 after one
+warm-up generate), ``prefill_ms`` (median of 3 forwards of ``prefill_tokens`` tokens) and
 ``cpu_path_decode`` / ``cpu_path_prefill``: what the last sketched layer ran.
 """
 from __future__ import annotations
@@ -45,12 +45,16 @@ def sketch_linears(model: torch.nn.Module, bits: int, groups: int) -> int:
     return count
 
 
-def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+def timed_generate(model, ids: torch.Tensor, new_tokens: int, reps: int = 3) -> tuple[float, torch.Tensor]:
+    """Median seconds of `reps` greedy generations (the 2-core VM varies 20 % between single runs)."""
+    times = []
     with torch.no_grad():
         model.generate(ids, max_new_tokens=4, do_sample=False)
-        t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        return time.perf_counter() - t0, out
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
 
 
 def timed_prefill(model, ids: torch.Tensor) -> float:
