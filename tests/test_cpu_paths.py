@@ -16,7 +16,8 @@ from conftest import ALL_BITS, assert_close_rel, make_sketch, randn
 HAS_AVX2 = "avx2" in kernels.cpu_kernels()
 PATHS = kernels.cpu_kernels()[1:]  # "portable", and "avx2" and "bf16" where this CPU has AVX2
 # Whether "auto" takes the bf16 tiles: native bf16 dot products and torch's bf16 matmul on oneDNN.
-AUTO_BF16 = bool(spallm_ext.build_info()["cpu_bf16"]) and torch.backends.mkldnn.is_available()
+AUTO_BF16 = (bool(spallm_ext.build_info()["cpu_bf16"]) and torch.backends.mkldnn.is_available()
+             and torch.backends.mkldnn.enabled)
 
 # (bits, groups, in_features): group sizes 8, 16, 64, 256 (vector chunks never straddle a group)
 VECTOR_SHAPES = [(4, 1, 8), (4, 4, 64), (4, 2, 512), (3, 1, 8), (3, 8, 128), (3, 1, 256),

@@ -8,6 +8,7 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SPALLM_AVX2_KERNELS 1
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -21,7 +22,13 @@ bool avx2_available() {
 }
 
 bool native_bf16_available() {
-  static const bool ok = avx2_available() && __builtin_cpu_supports("avx512bf16");
+  // AVX512-BF16 is CPUID leaf 7, sub-leaf 1, EAX bit 5 (read directly: __builtin_cpu_supports
+  // knows "avx512bf16" only from GCC 11 on); "avx512f" also confirms the OS saves the zmm state.
+  static const bool ok = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return avx2_available() && __builtin_cpu_supports("avx512f") && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) &&
+           (eax & (1u << 5)) != 0;
+  }();
   return ok;
 }
 
