@@ -18,9 +18,9 @@
 //
 // bf16 models (x and LUT both bf16) from kBf16MinTokens tokens on take bf16 tiles where the CPU
 // multiplies bf16 natively: the vector decode writes bf16 (exact, the values are the LUT's) and
-// oneDNN's bf16 GEMM, fp32 accumulation and one rounding like the fp32 tiles, runs at about four
-// times this path's fp32 rate on an AVX512-BF16 CPU (bench/bench_cpu.py). Only the summation order
-// differs from the reference.
+// torch's bf16 matmul (oneDNN; fp32 accumulation and one rounding, like the fp32 tiles) runs at
+// about four times the fp32 rate on an AVX512-BF16 CPU (bench/bench_cpu.py). Only the summation
+// order differs from the reference. The backward ops keep fp32 work.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
