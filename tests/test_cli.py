@@ -47,6 +47,29 @@ def test_sketch_info_ppl_generate(dirs, capsys):
     assert capsys.readouterr().out.startswith("Friends")
 
 
+def test_ppl_and_generate_in_bf16(dirs, capsys):
+    """--dtype bfloat16 casts the LUTs and dense parts (codes stay) and the perplexity stays that
+    of the fp32 run within bf16 rounding."""
+    root, model_dir, text, out = dirs
+    args = ["ppl", str(out), "--text", str(text), "--seq-len", "32", "--max-tokens", "256"]
+    capsys.readouterr()
+    assert main(args) == 0
+    fp32 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(args + ["--dtype", "bfloat16"]) == 0
+    bf16 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    import spallm_ext
+    from spallm_ext import kernels
+    native = spallm_ext.build_info()["cpu_bf16"] and torch.backends.mkldnn.is_available()
+    if native and torch.backends.mkldnn.enabled:  # else the fp32 paths, covered by test_cpu_paths
+        assert kernels.last_cpu_plan() == "bf16_tiles"
+    assert fp32["dtype"] == "float32" and bf16["dtype"] == "bfloat16"
+    assert bf16["ppl"] != fp32["ppl"] and abs(bf16["ppl"] / fp32["ppl"] - 1) < 0.05
+    assert main(["generate", str(out), "--prompt", "Friends", "--max-new-tokens", "4", "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.startswith("Friends")
+    with pytest.raises(SystemExit):
+        main(["generate", str(out), "--prompt", "Friends", "--dtype", "int8"])
+
+
 def test_generate_with_adapter_and_wrong_adapter(dirs, capsys, tmp_path):
     from spallm_ext.adapters import save_adapter, sketched_modules
     from spallm_ext.convert import sketch_model

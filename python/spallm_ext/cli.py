@@ -53,12 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--max-tokens", type=int, default=16384)
     q.add_argument("--batch-size", type=int, default=4)
     q.add_argument("--adapter", default=None)
+    q.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="run the model in this dtype (bfloat16: the bf16 CPU/GPU kernels)")
 
     g = sub.add_parser("generate", help="greedy generation through a sketched model")
     g.add_argument("model")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=40)
     g.add_argument("--adapter", default=None, help="adapter (LUT set) safetensors file to load first")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="run the model in this dtype (bfloat16: the bf16 CPU/GPU kernels)")
 
     i = sub.add_parser("info", help="describe a sketch directory or an adapter file")
     i.add_argument("path")
@@ -135,6 +139,7 @@ def cmd_ppl(a) -> int:
     model, tok = _load(a.model)
     if a.adapter:
         _adapter(model, a.adapter, load_adapter)
+    model.to(DTYPES[a.dtype])
     try:
         ids = tokenize(tok, read_text(a.text))
     except FileNotFoundError as e:
@@ -146,8 +151,14 @@ def cmd_ppl(a) -> int:
     except ValueError as e:
         raise CliError(str(e)) from None
     n = min(ids.numel(), a.max_tokens) // a.seq_len * a.seq_len
-    print(json.dumps({"ppl": ppl, "tokens": n, "seq_len": a.seq_len, "seconds": time.perf_counter() - t}))
+    print(json.dumps({"ppl": ppl, "tokens": n, "seq_len": a.seq_len, "dtype": a.dtype,
+                      "seconds": time.perf_counter() - t}))
     return 0
+
+
+# Model dtypes of `ppl` and `generate`. The model loads in fp32 (and its adapter into the fp32
+# LUTs) and is cast afterwards: LUTs and the dense parts take the dtype, codes stay uint8.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _adapter(model, path, load_adapter):
@@ -164,6 +175,7 @@ def cmd_generate(a) -> int:
     model, tok = _load(a.model)
     if a.adapter:
         _adapter(model, a.adapter, load_adapter)
+    model.to(DTYPES[a.dtype])
     ids = tokenize(tok, a.prompt)[None]
     if ids.numel() == 0:
         raise CliError("the prompt is empty")
