@@ -155,6 +155,20 @@ at::Tensor decode_tile(const LutShape& s, const at::Tensor& codes, const at::Ten
   return out;
 }
 
+// y[:, tile] = xt W_tile^T (+ bias[tile]) over the row tiles of W, each tile decoded into xt's dtype
+// (fp32/fp64, or bf16 for the bf16 tiles). addmm adds the bias to the accumulator before the
+// product's one rounding.
+void tiled_linear(const LutShape& s, const at::Tensor& codes, const at::Tensor& lut, const at::Tensor& xt,
+                  const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  const int64_t step = tile_rows(s);
+  for (int64_t r0 = 0; r0 < s.N; r0 += step) {
+    const int64_t rows = std::min(step, s.N - r0);
+    const at::Tensor w = decode_tile(s, codes, lut, r0, rows, xt.scalar_type());
+    y.narrow(1, r0, rows).copy_(bias.has_value() ? at::addmm(bias->narrow(0, r0, rows), xt, w.t())
+                                                  : at::mm(xt, w.t()));
+  }
+}
+
 at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut,
                           const std::optional<at::Tensor>& bias) {
   const NoAutocast no_autocast;
@@ -167,14 +181,7 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
     g_last_cpu_plan = "bf16_tiles";
     const at::Tensor xb = as_tokens(x).contiguous();
     at::Tensor y = at::empty({xb.size(0), s.N}, x.options());
-    const int64_t step = tile_rows(s);
-    for (int64_t r0 = 0; r0 < s.N; r0 += step) {
-      const int64_t rows = std::min(step, s.N - r0);
-      const at::Tensor w = decode_tile(s, codes, lut, r0, rows, at::kBFloat16);
-      // addmm adds the bias to the fp32 accumulator before the one rounding to bf16.
-      y.narrow(1, r0, rows).copy_(bias.has_value() ? at::addmm(bias->narrow(0, r0, rows), xb, w.t())
-                                                    : at::mm(xb, w.t()));
-    }
+    tiled_linear(s, codes, lut, xb, bias, y);
     return with_token_dims(y, x.sizes(), s.N);
   }
   const at::ScalarType acc = acc_type(x.scalar_type());
@@ -196,13 +203,7 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
     if (bias.has_value()) y.add_(bias->to(acc));
   } else if (M > 0) {
     g_last_cpu_plan = avx2 ? "avx2_tiles" : "portable_tiles";
-    const int64_t step = tile_rows(s);
-    for (int64_t r0 = 0; r0 < s.N; r0 += step) {
-      const int64_t rows = std::min(step, s.N - r0);
-      const at::Tensor w = decode_tile(s, codes, lut, r0, rows, acc);
-      y.narrow(1, r0, rows).copy_(at::mm(xa, w.t()));
-    }
-    if (bias.has_value()) y.add_(bias->to(acc));
+    tiled_linear(s, codes, lut, xa, bias.has_value() ? std::optional<at::Tensor>(bias->to(acc)) : std::nullopt, y);
   }
   return with_token_dims(y.to(x.scalar_type()), x.sizes(), s.N);
 }
