@@ -53,16 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--max-tokens", type=int, default=16384)
     q.add_argument("--batch-size", type=int, default=4)
     q.add_argument("--adapter", default=None)
-    q.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                   help="run the model in this dtype (bfloat16: the bf16 CPU/GPU kernels)")
+    _dtype_argument(q)
 
     g = sub.add_parser("generate", help="greedy generation through a sketched model")
     g.add_argument("model")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=40)
     g.add_argument("--adapter", default=None, help="adapter (LUT set) safetensors file to load first")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                   help="run the model in this dtype (bfloat16: the bf16 CPU/GPU kernels)")
+    _dtype_argument(g)
 
     i = sub.add_parser("info", help="describe a sketch directory or an adapter file")
     i.add_argument("path")
@@ -133,13 +131,9 @@ def cmd_sketch(a) -> int:
 
 
 def cmd_ppl(a) -> int:
-    from .adapters import load_adapter
     from .models import perplexity, read_text, tokenize
 
-    model, tok = _load(a.model)
-    if a.adapter:
-        _adapter(model, a.adapter, load_adapter)
-    model.to(DTYPES[a.dtype])
+    model, tok = _run_model(a)
     try:
         ids = tokenize(tok, read_text(a.text))
     except FileNotFoundError as e:
@@ -161,21 +155,28 @@ def cmd_ppl(a) -> int:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _adapter(model, path, load_adapter):
-    try:
-        load_adapter(model, path)
-    except (FileNotFoundError, ValueError) as e:
-        raise CliError(str(e)) from None
+def _dtype_argument(parser) -> None:
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="run the model in this dtype (bfloat16: the bf16 CPU/GPU kernels)")
 
 
-def cmd_generate(a) -> int:
+def _run_model(a):
+    """(model, tokenizer) of `ppl` / `generate`: loaded, its adapter applied, cast to --dtype."""
     from .adapters import load_adapter
-    from .models import ByteTokenizer, tokenize
 
     model, tok = _load(a.model)
     if a.adapter:
-        _adapter(model, a.adapter, load_adapter)
-    model.to(DTYPES[a.dtype])
+        try:
+            load_adapter(model, a.adapter)
+        except (FileNotFoundError, ValueError) as e:
+            raise CliError(str(e)) from None
+    return model.to(DTYPES[a.dtype]), tok
+
+
+def cmd_generate(a) -> int:
+    from .models import ByteTokenizer, tokenize
+
+    model, tok = _run_model(a)
     ids = tokenize(tok, a.prompt)[None]
     if ids.numel() == 0:
         raise CliError("the prompt is empty")
