@@ -69,7 +69,10 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_archs"] = std::string();
     d["cuda_compiler"] = std::string();
 #endif
-    d["cpu_simd"] = std::string(spallm::cpu::avx2_available() ? "avx2+fma" : "none");
+    // The widest vector kernels this CPU runs (csrc/cpu/lut_simd.h): "avx512", "avx2+fma" or "none".
+    d["cpu_simd"] = std::string(spallm::cpu::avx512_kernels() != nullptr ? "avx512"
+                                : spallm::cpu::avx2_kernels() != nullptr  ? "avx2+fma"
+                                                                          : "none");
     // Whether the CPU multiplies bf16 natively (AVX512-BF16): "auto" then runs bf16 models' larger
     // batches as bf16 tiles (kernels.set_cpu_kernel).
     d["cpu_bf16"] = spallm::cpu::native_bf16_available();
@@ -83,7 +86,7 @@ PYBIND11_MODULE(_C, m) {
         "How fused lut_linear_lowrank computes x l1: 'auto' (on chip when K is split) or 'gemm'; False if unknown");
   m.def("lowrank_t", &spallm::lowrank_t, "The lut_linear_lowrank t mode ('auto' or 'gemm')");
   m.def("set_cpu_kernel", &spallm::set_cpu_kernel,
-        "Force the CPU path: 'auto', 'portable', 'avx2' or 'bf16'; False if unknown or not on this CPU");
+        "Force the CPU path: 'auto', 'portable', 'avx2', 'avx512' or 'bf16'; False if unknown or not on this CPU");
   m.def("cpu_kernel", &spallm::cpu_kernel, "The forced CPU path ('auto' when none)");
   m.def("cpu_kernels", &spallm::cpu_kernels, "The CPU paths this machine can run");
   m.def("last_cpu_plan", &spallm::last_cpu_plan, "What the last CPU lut_linear / lut_linear_dx ran");

@@ -1,8 +1,9 @@
 """The CPU paths (csrc/cpu/lut_ops_cpu.cpp): "portable" (scalar decode + BLAS), "avx2" (vector
-decode; a fused in-register pass up to 16 tokens) and "bf16" (as "avx2", plus bf16 tiles for bf16
-models from 8 tokens on), each against the reference, against each other, and the choice itself.
-"avx2" and "bf16" run wherever the CPU has AVX2 (CI's x86 machines do); elsewhere the tests check
-that asking for them fails clearly and that the portable path is used."""
+decode; a fused in-register pass up to 16 tokens), "avx512" (the same, 16 codes per step, fused
+up to 64 tokens) and "bf16" (as "auto", plus bf16 tiles for bf16 models), each against the
+reference, against each other, and the choice itself. "avx2" and "bf16" run wherever the CPU has
+AVX2 (CI's x86 machines do), "avx512" where it has AVX-512F; elsewhere the tests check that asking
+for them fails clearly and that the next path down is used."""
 from __future__ import annotations
 
 import pytest
@@ -14,7 +15,8 @@ from spallm_ext import kernels, reference
 from conftest import ALL_BITS, assert_close_rel, make_sketch, randn
 
 HAS_AVX2 = "avx2" in kernels.cpu_kernels()
-PATHS = kernels.cpu_kernels()[1:]  # "portable", and "avx2" and "bf16" where this CPU has AVX2
+HAS_AVX512 = "avx512" in kernels.cpu_kernels()
+PATHS = kernels.cpu_kernels()[1:]  # "portable", and "avx2", "avx512", "bf16" where this CPU has them
 # Whether "auto" takes the bf16 tiles: native bf16 dot products and torch's bf16 matmul on oneDNN.
 AUTO_BF16 = (bool(spallm_ext.build_info()["cpu_bf16"]) and torch.backends.mkldnn.is_available()
              and torch.backends.mkldnn.enabled)
@@ -22,8 +24,9 @@ AUTO_BF16 = (bool(spallm_ext.build_info()["cpu_bf16"]) and torch.backends.mkldnn
 # (bits, groups, in_features): group sizes 8, 16, 64, 256 (vector chunks never straddle a group)
 VECTOR_SHAPES = [(4, 1, 8), (4, 4, 64), (4, 2, 512), (3, 1, 8), (3, 8, 128), (3, 1, 256),
                  (2, 2, 16), (2, 4, 256), (2, 1, 64)]
-# every token count of the fused pass's blocking (4-token blocks plus a 1-3 token tail) and past it
-TOKENS = [1, 2, 3, 4, 5, 7, 8, 13, 16, 17, 40]
+# every token count of the fused pass's blocking (AVX2: 4-token blocks plus a 1-3 token tail; AVX-512:
+# 8-token blocks plus 1-7) and past its limits (16 tokens AVX2, 64 AVX-512)
+TOKENS = [1, 2, 3, 4, 5, 6, 7, 8, 13, 16, 17, 40, 64, 65]
 
 
 @pytest.fixture(autouse=True)
@@ -33,14 +36,22 @@ def _restore_cpu_kernel():
     kernels.set_cpu_kernel(before)
 
 
+def vector_isa(path: str, group_size: int) -> str | None:
+    """The vector kernels a path runs for this group size: the widest the CPU has that fits it."""
+    if path == "portable" or not HAS_AVX2 or group_size % 8:
+        return None
+    return "avx512" if HAS_AVX512 and path != "avx2" and group_size % 16 == 0 else "avx2"
+
+
 def expected_plan(path: str, m: int, group_size: int, acc: torch.dtype, x_dtype: torch.dtype = torch.float32,
                   lut_dtype: torch.dtype = torch.float32) -> str:
-    if path == "portable" or acc != torch.float32 or group_size % 8:
+    isa = vector_isa(path, group_size)
+    if isa is None or acc != torch.float32:
         return "portable_tiles"
     bf16_tiles = path == "bf16" or (path == "auto" and AUTO_BF16)
-    if bf16_tiles and m >= 8 and x_dtype == lut_dtype == torch.bfloat16:
+    if bf16_tiles and m >= (16 if isa == "avx512" else 8) and x_dtype == lut_dtype == torch.bfloat16:
         return "bf16_tiles"
-    return "avx2_gemv" if m <= 16 else "avx2_tiles"
+    return f"{isa}_gemv" if m <= (64 if isa == "avx512" else 16) else f"{isa}_tiles"
 
 
 def assert_one_bf16_rounding(y: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor,
@@ -68,37 +79,48 @@ def test_path_names_and_errors():
     with pytest.raises(ValueError, match="kernel must be one of"):
         kernels.set_cpu_kernel(4)
     if HAS_AVX2:
-        assert kernels.cpu_kernels() == ("auto", "portable", "avx2", "bf16")
-        for name in ("avx2", "bf16"):
+        assert kernels.cpu_kernels() == ("auto", "portable", "avx2") + (("avx512",) if HAS_AVX512 else ()) + ("bf16",)
+        for name in kernels.cpu_kernels():
             kernels.set_cpu_kernel(name)
             assert kernels.cpu_kernel() == name
-        assert spallm_ext.build_info()["cpu_simd"] == "avx2+fma"
+        assert spallm_ext.build_info()["cpu_simd"] == ("avx512" if HAS_AVX512 else "avx2+fma")
     else:
         assert kernels.cpu_kernels() == ("auto", "portable")
-        for name in ("avx2", "bf16"):
+        for name in ("avx2", "avx512", "bf16"):
             with pytest.raises(ValueError, match="not available on this CPU"):
                 kernels.set_cpu_kernel(name)
         assert kernels.cpu_kernel() == "auto"
         assert spallm_ext.build_info()["cpu_simd"] == "none"
+    if HAS_AVX2 and not HAS_AVX512:
+        with pytest.raises(ValueError, match="not available on this CPU"):
+            kernels.set_cpu_kernel("avx512")
         assert spallm_ext.build_info()["cpu_bf16"] is False
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's mkldnn.flags, not ours
 def test_auto_is_the_best_path_this_cpu_has():
-    codes, lut = make_sketch(8, 64, 4, 2)
+    best = "avx512" if HAS_AVX512 else "avx2" if HAS_AVX2 else None
+    gemv = f"{best}_gemv" if best else "portable_tiles"
+    codes, lut = make_sketch(8, 64, 4, 2)  # groups of 32 columns: the widest kernels take them
     spallm_ext.lut_linear(randn(3, 64), codes, lut)
+    assert kernels.last_cpu_plan() == gemv
+    # Groups of 8 columns are too narrow for AVX-512: AVX2 takes them.
+    codes8, lut8 = make_sketch(8, 64, 4, 8)
+    spallm_ext.lut_linear(randn(3, 64), codes8, lut8)
     assert kernels.last_cpu_plan() == ("avx2_gemv" if HAS_AVX2 else "portable_tiles")
-    # A bf16 model: bf16 tiles from 8 tokens on where this CPU multiplies bf16 natively.
+    # A bf16 model: bf16 tiles from 8 (AVX2) / 16 (AVX-512) tokens on where this CPU multiplies
+    # bf16 natively.
     lut16 = lut.bfloat16()
-    spallm_ext.lut_linear(randn(7, 64, dtype=torch.bfloat16), codes, lut16)
-    assert kernels.last_cpu_plan() == ("avx2_gemv" if HAS_AVX2 else "portable_tiles")
-    spallm_ext.lut_linear(randn(8, 64, dtype=torch.bfloat16), codes, lut16)
-    assert kernels.last_cpu_plan() == expected_plan("auto" if HAS_AVX2 else "portable", 8, 32, torch.float32,
-                                                    torch.bfloat16, torch.bfloat16)
+    first = 16 if HAS_AVX512 else 8
+    spallm_ext.lut_linear(randn(first - 1, 64, dtype=torch.bfloat16), codes, lut16)
+    assert kernels.last_cpu_plan() == gemv
+    spallm_ext.lut_linear(randn(first, 64, dtype=torch.bfloat16), codes, lut16)
+    assert kernels.last_cpu_plan() == expected_plan("auto", first, 32, torch.float32, torch.bfloat16, torch.bfloat16)
+    assert kernels.last_cpu_plan() == ("bf16_tiles" if AUTO_BF16 and HAS_AVX2 else gemv)
     # ... and never when torch's bf16 matmul does not run on oneDNN.
     with torch.backends.mkldnn.flags(enabled=False):
-        spallm_ext.lut_linear(randn(8, 64, dtype=torch.bfloat16), codes, lut16)
-    assert kernels.last_cpu_plan() == ("avx2_gemv" if HAS_AVX2 else "portable_tiles")
+        spallm_ext.lut_linear(randn(first, 64, dtype=torch.bfloat16), codes, lut16)
+    assert kernels.last_cpu_plan() == gemv
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -114,7 +136,7 @@ def test_lut_linear_matches_reference(path, bits, groups, k, m):
     assert_close_rel(y, reference.lut_linear(x, codes, lut, bias))
     dy = randn(m, n, seed=m + 2)
     dx = spallm_ext.lut_linear_dx(dy, codes, lut)
-    assert kernels.last_cpu_plan() == ("portable_tiles" if path == "portable" else "avx2_tiles")
+    assert kernels.last_cpu_plan() == f"{vector_isa(path, k // groups) or 'portable'}_tiles"
     assert_close_rel(dx, reference.lut_linear_dx(dy, codes, lut))
     # Decoding is a table lookup: both paths must give the reference's weights bit for bit.
     assert torch.equal(spallm_ext.lut_decode(codes, lut), reference.lut_decode(codes, lut))
@@ -253,17 +275,19 @@ def force_bf16_tiles() -> bool:
 
 
 @pytest.mark.parametrize("bits,groups,k", VECTOR_SHAPES, ids=[f"b{b}-g{g}-k{k}" for b, g, k in VECTOR_SHAPES])
-@pytest.mark.parametrize("m", [8, 9, 17, 40], ids=["m8", "m9", "m17", "m40"])
+@pytest.mark.parametrize("m", [8, 9, 16, 17, 40], ids=["m8", "m9", "m16", "m17", "m40"])
 def test_bf16_tiles(bits, groups, k, m):
-    """The bf16 tiles (forced, so they run on any AVX2 CPU): 3-D input with bias, one rounding, and
-    the bf16 decode bit for bit the reference's (the values are the LUT's own)."""
+    """The bf16 tiles (forced, so they run on any AVX2 CPU; from 8 tokens beside the AVX2 kernels,
+    16 beside the AVX-512 ones): 3-D input with bias, one rounding, and the bf16 decode bit for bit
+    the reference's (the values are the LUT's own)."""
     if not force_bf16_tiles():
         return
     n = 13
     codes, lut = make_sketch(n, k, bits, groups, lut_dtype=torch.bfloat16, seed=bits * 100 + k + m)
     x, bias = randn(1, m, k, dtype=torch.bfloat16, seed=m), randn(n, dtype=torch.bfloat16, seed=m + 1)
     y = spallm_ext.lut_linear(x, codes, lut, bias)
-    assert kernels.last_cpu_plan() == "bf16_tiles"
+    assert kernels.last_cpu_plan() == expected_plan("bf16", m, k // groups, torch.float32, torch.bfloat16,
+                                                    torch.bfloat16)
     assert y.shape == (1, m, n)
     assert_close_rel(y, reference.lut_linear(x, codes, lut, bias))
     assert_one_bf16_rounding(y[0], x[0], codes, lut, bias)
@@ -280,7 +304,7 @@ def test_bf16_tiles_adversarial_and_non_finite(mode, bits):
         return
     n, k = 9, 64
     codes, lut = make_sketch(n, k, bits, 1, mode=mode, lut_dtype=torch.bfloat16, seed=bits)
-    x = randn(12, k, dtype=torch.bfloat16, seed=1).abs() + 0.5
+    x = randn(16, k, dtype=torch.bfloat16, seed=1).abs() + 0.5
     clean = spallm_ext.lut_linear(x, codes, lut)
     assert kernels.last_cpu_plan() == "bf16_tiles"
     assert_one_bf16_rounding(clean, x, codes, lut)

@@ -10,13 +10,13 @@
 //                  (group, code) buckets in column order: deterministic.
 // Accumulation is fp32, or fp64 when the activations are fp64 (gradcheck).
 //
-// On x86-64 CPUs with AVX2 + FMA (checked at run time) fp32 work takes the vector kernels of
-// cpu/lut_simd.h: the decode above runs eight codes per instruction sequence, and up to
-// kGemvMaxTokens tokens skip the tile and BLAS altogether: W is decoded in registers straight into
-// FMAs with the tokens (a GEMV-style pass, memory traffic = the codes). kernels.set_cpu_kernel
-// forces either path for tests and benchmarks.
+// On x86-64 CPUs with AVX2 + FMA or AVX-512 (checked at run time) fp32 work takes the vector
+// kernels of cpu/lut_simd.h: the decode above runs 8 (AVX2) or 16 (AVX-512) codes per short
+// instruction sequence, and up to gemv_max_tokens tokens skip the tile and BLAS altogether: W is
+// decoded in registers straight into FMAs with the tokens (a GEMV-style pass, memory traffic =
+// the codes). kernels.set_cpu_kernel forces each path for tests and benchmarks.
 //
-// bf16 models (x and LUT both bf16) from kBf16MinTokens tokens on take bf16 tiles where the CPU
+// bf16 models (x and LUT both bf16) from bf16_min_tokens tokens on take bf16 tiles where the CPU
 // multiplies bf16 natively: the vector decode writes bf16 (exact, the values are the LUT's) and
 // torch's bf16 matmul (oneDNN; fp32 accumulation and one rounding, like the fp32 tiles) runs at
 // about four times the fp32 rate on an AVX512-BF16 CPU (bench/bench_cpu.py). Only the summation
@@ -39,23 +39,40 @@ namespace {
 
 constexpr int64_t kTileElems = int64_t(1) << 20;
 
-// Up to this many tokens the fused vector pass beats decode + BLAS (bench/bench_cpu.py measures
-// the crossover; at 32 tokens BLAS's blocking wins on the 2-core CI machine).
-constexpr int64_t kGemvMaxTokens = 16;
+// The CPU dispatch rules, measured on 4096 x 4096 and 11008 x 4096 (3- and 4-bit, G = 4) with the
+// 2-core AVX-512 + AVX512-BF16 machine of bench/results/cpu_lut_linear.json:
+// * Up to gemv_max_tokens tokens the fused vector pass beats decode + BLAS. With AVX2 the
+//   crossover is about 24 tokens; the AVX-512 pass, sixteen weights per lookup and two rows per
+//   x load, still wins at 64 tokens (9.3 vs 13.7 ms on 4096 x 4096) and breaks even near 128.
+// * From bf16_min_tokens tokens a bf16 model takes the bf16 tiles instead (where they apply):
+//   decoding all of W once per call then costs less than the register pass's fp32 FMAs. The
+//   crossover is 6 to 8 tokens against the AVX2 pass, 12 to 16 against the AVX-512 one.
+int64_t gemv_max_tokens(const cpu::VectorKernels& vec) { return vec.width >= 16 ? 64 : 16; }
+int64_t bf16_min_tokens(const cpu::VectorKernels& vec) { return vec.width >= 16 ? 16 : 8; }
 
-// From this many tokens a bf16 model takes the bf16 tiles instead (where they apply): decoding
-// all of W once per call then costs less than the register pass's fp32 FMAs (the crossover was 6
-// to 8 tokens on 4096 x 4096 and 11008 x 4096 with the 2-core AVX512-BF16 machine of
-// bench/results/cpu_lut_linear.json).
-constexpr int64_t kBf16MinTokens = 8;
-
-enum class CpuPath { kAuto, kPortable, kAvx2, kBf16 };
+enum class CpuPath { kAuto, kPortable, kAvx2, kAvx512, kBf16 };
 std::atomic<CpuPath> g_cpu_path{CpuPath::kAuto};
 thread_local std::string g_last_cpu_plan = "none";
 
-bool use_avx2() {
+// The vector kernels a sketch with this group size takes on the current path: the widest this CPU
+// has that fits the group size (AVX-512 needs groups of 16 columns, AVX2 of 8), only AVX2 when
+// "avx2" is forced, none on "portable".
+const cpu::VectorKernels* vector_kernels(const LutShape& s) {
   const CpuPath p = g_cpu_path.load();
-  return p != CpuPath::kPortable && cpu::avx2_available();
+  if (p == CpuPath::kPortable) return nullptr;
+  const cpu::VectorKernels* wide = p == CpuPath::kAvx2 ? nullptr : cpu::avx512_kernels();
+  if (wide != nullptr && wide->supports(s.group_size)) return wide;
+  const cpu::VectorKernels* narrow = cpu::avx2_kernels();
+  return narrow != nullptr && narrow->supports(s.group_size) ? narrow : nullptr;
+}
+
+// What this call's fp32 work runs on (nullptr: the portable kernels).
+const cpu::VectorKernels* vector_kernels(const LutShape& s, at::ScalarType acc) {
+  return acc == at::kFloat ? vector_kernels(s) : nullptr;
+}
+
+std::string plan_name(const cpu::VectorKernels* vec, const char* what) {
+  return std::string(vec != nullptr ? vec->name : "portable") + what;
 }
 
 // "bf16" can be forced on any AVX2 CPU (oneDNN, or ATen without it, then converts), so its results
@@ -86,15 +103,11 @@ cpu::CodeRows code_rows(const LutShape& s, const at::Tensor& codes, const at::Te
   return w;
 }
 
-// Whether this call's fp32 work can take the vector kernels.
-bool avx2_applies(const LutShape& s, at::ScalarType acc) {
-  return acc == at::kFloat && use_avx2() && cpu::avx2_supports(s.K, s.group_size);
-}
-
 // Whether lut_linear with M tokens takes the bf16 tiles (x, LUT and bias all bf16).
 bool bf16_tiles_apply(const LutShape& s, const at::Tensor& x, const at::Tensor& lut, int64_t M) {
-  return M >= kBf16MinTokens && x.scalar_type() == at::kBFloat16 && lut.scalar_type() == at::kBFloat16 &&
-         cpu::avx2_supports(s.K, s.group_size) && use_bf16_tiles();
+  if (x.scalar_type() != at::kBFloat16 || lut.scalar_type() != at::kBFloat16 || !use_bf16_tiles()) return false;
+  const cpu::VectorKernels* vec = vector_kernels(s);
+  return vec != nullptr && M >= bf16_min_tokens(*vec);
 }
 
 int64_t tile_rows(const LutShape& s) {
@@ -129,16 +142,17 @@ at::Tensor decode_tile(const LutShape& s, const at::Tensor& codes, const at::Ten
   at::Tensor out = at::empty({rows, s.K}, lut.options().dtype(out_type));
   // The vector decode writes fp32, or bf16 from a bf16 LUT (bf16 -> fp32 -> bf16 is exact).
   const bool to_bf16 = out_type == at::kBFloat16 && lut.scalar_type() == at::kBFloat16;
-  if ((out_type == at::kFloat || to_bf16) && avx2_applies(s, at::kFloat)) {
+  const cpu::VectorKernels* vec = vector_kernels(s);
+  if ((out_type == at::kFloat || to_bf16) && vec != nullptr) {
     // Only this tile's LUT rows are converted (a no-op for an fp32 LUT).
     const at::Tensor lut32 = lut.narrow(0, r0, rows).to(at::kFloat).contiguous();
     const cpu::CodeRows w = code_rows(s, codes.narrow(0, r0, rows), lut32);
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       if (to_bf16) {
         auto* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-        cpu::decode_rows_avx2_bf16(w, begin, end, o + begin * s.K);
+        vec->decode_bf16(w, begin, end, o + begin * s.K);
       } else {
-        cpu::decode_rows_avx2(w, begin, end, out.data_ptr<float>() + begin * s.K);
+        vec->decode(w, begin, end, out.data_ptr<float>() + begin * s.K);
       }
     });
     return out;
@@ -188,9 +202,9 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
   const at::Tensor xa = as_tokens(x).to(acc).contiguous();
   const int64_t M = xa.size(0);
   at::Tensor y = at::empty({M, s.N}, x.options().dtype(acc));
-  const bool avx2 = avx2_applies(s, acc);
-  if (avx2 && M > 0 && M <= kGemvMaxTokens) {
-    g_last_cpu_plan = "avx2_gemv";
+  const cpu::VectorKernels* vec = vector_kernels(s, acc);
+  if (vec != nullptr && M > 0 && M <= gemv_max_tokens(*vec)) {
+    g_last_cpu_plan = plan_name(vec, "_gemv");
     const at::Tensor lut32 = lut.to(at::kFloat).contiguous();
     const cpu::CodeRows w = code_rows(s, codes, lut32);
     const float* xp = xa.data_ptr<float>();
@@ -198,11 +212,11 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
     // About 64K weights x tokens per task, so small layers stay on one thread.
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(s.K * M, 1));
     at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
-      cpu::gemv_rows_avx2(w, xp, M, begin, end, yp);
+      vec->gemv(w, xp, M, begin, end, yp);
     });
     if (bias.has_value()) y.add_(bias->to(acc));
   } else if (M > 0) {
-    g_last_cpu_plan = avx2 ? "avx2_tiles" : "portable_tiles";
+    g_last_cpu_plan = plan_name(vec, "_tiles");
     tiled_linear(s, codes, lut, xa, bias.has_value() ? std::optional<at::Tensor>(bias->to(acc)) : std::nullopt, y);
   }
   return with_token_dims(y.to(x.scalar_type()), x.sizes(), s.N);
@@ -219,7 +233,7 @@ at::Tensor lut_linear_dx_cpu(const at::Tensor& dy, const at::Tensor& codes, cons
   const int64_t M = dya.size(0);
   at::Tensor dx = at::zeros({M, s.K}, dy.options().dtype(acc));
   if (M > 0) {
-    g_last_cpu_plan = avx2_applies(s, acc) ? "avx2_tiles" : "portable_tiles";
+    g_last_cpu_plan = plan_name(vector_kernels(s, acc), "_tiles");
     const int64_t step = tile_rows(s);
     for (int64_t r0 = 0; r0 < s.N; r0 += step) {
       const int64_t rows = std::min(step, s.N - r0);
@@ -293,8 +307,10 @@ bool set_cpu_kernel(const std::string& name) {
     g_cpu_path = CpuPath::kAuto;
   } else if (name == "portable") {
     g_cpu_path = CpuPath::kPortable;
-  } else if (name == "avx2" && cpu::avx2_available()) {
+  } else if (name == "avx2" && cpu::avx2_kernels() != nullptr) {
     g_cpu_path = CpuPath::kAvx2;
+  } else if (name == "avx512" && cpu::avx512_kernels() != nullptr) {
+    g_cpu_path = CpuPath::kAvx512;
   } else if (name == "bf16" && bf16_path_available()) {
     g_cpu_path = CpuPath::kBf16;
   } else {
@@ -307,6 +323,7 @@ std::string cpu_kernel() {
   switch (g_cpu_path.load()) {
     case CpuPath::kPortable: return "portable";
     case CpuPath::kAvx2: return "avx2";
+    case CpuPath::kAvx512: return "avx512";
     case CpuPath::kBf16: return "bf16";
     default: return "auto";
   }
@@ -314,7 +331,8 @@ std::string cpu_kernel() {
 
 std::vector<std::string> cpu_kernels() {
   std::vector<std::string> names{"auto", "portable"};
-  if (cpu::avx2_available()) names.push_back("avx2");
+  if (cpu::avx2_kernels() != nullptr) names.push_back("avx2");
+  if (cpu::avx512_kernels() != nullptr) names.push_back("avx512");
   if (bf16_path_available()) names.push_back("bf16");
   return names;
 }

@@ -1,18 +1,24 @@
-// Vectorised CPU pieces of the LUT ops (x86-64 AVX2 + FMA, chosen at run time; csrc/cpu/lut_avx2.cpp).
+// Vectorised CPU pieces of the LUT ops (x86-64, chosen at run time; the kernels are written once in
+// csrc/cpu/lut_vec.h and compiled per instruction set in lut_avx2.cpp and lut_avx512.cpp).
 //
 // The portable CPU path decodes W one scalar code at a time, a shift, a mask and a table load per
-// weight, and at small M the decode is nearly all of the time. With AVX2 eight codes decode at
-// once: the BITS bytes that hold eight consecutive codes (every packing of csrc/codes.h keeps
-// eight codes in BITS bytes) are broadcast to the eight lanes of a register, each lane shifts its
-// own code down (vpsrlvd) and the codes index the (row, group) table held in one or two registers
-// (vpermps; a blend on bit 3 for 16 entries). A weight then costs about one instruction, and at
-// decode sizes the weights go straight into FMAs with the tokens instead of through memory.
+// weight, and at small M the decode is nearly all of the time. The vector kernels decode a
+// register of codes at once: the bytes that hold them are broadcast to the lanes, each lane shifts
+// its own code down (vpsrlvd) and the codes index the (row, group) table held in registers (a
+// permute). AVX2 + FMA: eight codes per step, a 16-entry table in two registers (two vpermps and a
+// blend on bit 3). AVX-512: sixteen codes per step and every table in one register (one vpermps),
+// so a weight costs under half an instruction. At decode sizes the weights go straight into FMAs
+// with the tokens instead of through memory.
 //
 // No torch types here: the callers (lut_ops_cpu.cpp) hand over raw fp32 buffers, and these
-// functions are the only code compiled for AVX2, behind a run-time CPU check, so no inline function
-// shared with the rest of the library is ever compiled with instructions an older CPU lacks.
+// functions are the only code compiled for AVX2 / AVX-512, behind a run-time CPU check, so no
+// inline function shared with the rest of the library is ever compiled with instructions an older
+// CPU lacks.
 #pragma once
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 namespace spallm::cpu {
 
@@ -31,21 +37,27 @@ bool avx2_available();
 // has them too), so a bf16 GEMM runs at about twice the fp32 rate instead of converting to fp32.
 bool native_bf16_available();
 
-// Whether the vector kernels take this shape: eight-column chunks that never straddle a group.
-inline bool avx2_supports(int64_t in_features, int64_t group_size) {
-  return group_size % 8 == 0 && in_features % 8 == 0;
-}
+// One instruction set's kernels. A sketch takes them when its group size is a multiple of `width`
+// (steps of `width` columns never straddle a group; in_features is then a multiple too).
+struct VectorKernels {
+  const char* name = nullptr;  // "avx2" or "avx512": the CPU plans are named after it
+  int width = 0;               // codes decoded per step
+  // out[(r - r0) * K + c] = W[r, c] for rows r0 <= r < r1.
+  void (*decode)(const CodeRows& w, int64_t r0, int64_t r1, float* out) = nullptr;
+  // The same rows as bf16 bit patterns. Only for a LUT whose fp32 values came from bf16 (every
+  // value exactly representable): the high half of each fp32 word then is the bf16 value itself.
+  void (*decode_bf16)(const CodeRows& w, int64_t r0, int64_t r1, uint16_t* out) = nullptr;
+  // y[m * N + r] = sum_c x[m * K + c] W[r, c] for rows r0 <= r < r1 and all M tokens of x (fp32,
+  // [M, K] contiguous), W decoded in registers and never stored. Each (token, row) sums in the
+  // lanes in column order, then across the lanes: a fixed order, so results repeat bit for bit.
+  void (*gemv)(const CodeRows& w, const float* x, int64_t M, int64_t r0, int64_t r1, float* y) = nullptr;
 
-// out[(r - r0) * K + c] = W[r, c] for rows r0 <= r < r1. Requires avx2_available() and avx2_supports(K, group_size).
-void decode_rows_avx2(const CodeRows& w, int64_t r0, int64_t r1, float* out);
+  bool supports(int64_t group_size) const { return group_size % width == 0; }
+};
 
-// The same rows as bf16 bit patterns. Only for a LUT whose fp32 values came from bf16 (every
-// value exactly representable): the high half of each fp32 word then is the bf16 value itself.
-void decode_rows_avx2_bf16(const CodeRows& w, int64_t r0, int64_t r1, uint16_t* out);
-
-// y[m * N + r] = sum_c x[m * K + c] W[r, c] for rows r0 <= r < r1 and all M tokens of x (fp32,
-// [M, K] contiguous), W decoded in registers and never stored. Each (token, row) sums in eight
-// lanes in column order, then across the lanes: a fixed order, so results repeat bit for bit.
-void gemv_rows_avx2(const CodeRows& w, const float* x, int64_t M, int64_t r0, int64_t r1, float* y);
+// The kernels of each instruction set, nullptr where this CPU (or build) lacks it: AVX2 + FMA,
+// and AVX-512F (whose check also confirms that the OS saves the zmm registers).
+const VectorKernels* avx2_kernels();
+const VectorKernels* avx512_kernels();
 
 }  // namespace spallm::cpu

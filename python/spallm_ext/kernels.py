@@ -80,27 +80,31 @@ def use_lowrank_t(mode: str) -> Iterator[None]:
         set_lowrank_t(previous)
 
 
-CPU_PATHS = ("auto", "portable", "avx2", "bf16")
+CPU_PATHS = ("auto", "portable", "avx2", "avx512", "bf16")
 
 
 def cpu_kernels() -> tuple[str, ...]:
-    """The CPU paths this machine can run: always "auto" and "portable", "avx2" and "bf16" where the
-    CPU has AVX2 and FMA (detected at run time; the build itself runs on any x86-64 or other CPU)."""
+    """The CPU paths this machine can run: always "auto" and "portable"; "avx2" and "bf16" where the
+    CPU has AVX2 and FMA, "avx512" where it has AVX-512F (detected at run time; the build itself
+    runs on any x86-64 or other CPU)."""
     return tuple(_C.cpu_kernels())
 
 
 def set_cpu_kernel(name: str) -> None:
     """Force the CPU path for every following call in this process.
 
-    ``"auto"`` (default): ``"avx2"`` where the CPU has it, else ``"portable"``; and bf16 tiles (as
-    ``"bf16"``) where the CPU also multiplies bf16 natively (AVX512-BF16) and torch's bf16 matmul
-    runs on oneDNN.
+    ``"auto"`` (default): the widest vector kernels the CPU has (``"avx512"``, else ``"avx2"``),
+    else ``"portable"``; and bf16 tiles (as ``"bf16"``) where the CPU also multiplies bf16 natively
+    (AVX512-BF16) and torch's bf16 matmul runs on oneDNN.
     ``"avx2"``: eight codes decoded per vector instruction sequence; up to 16 tokens W is decoded in
     registers straight into FMAs (no decoded tile, no BLAS call), more tokens decode tiles for BLAS.
-    All work in fp32.
-    ``"bf16"``: as ``"avx2"``, except that a bf16 model (x, LUT and bias bf16) past 16 tokens decodes
-    bf16 tiles (exact: the values are the LUT's) for torch's bf16 matmul, fp32 accumulation and one
-    rounding. Forced, it runs on any AVX2 CPU, but is only fast with native bf16.
+    All work in fp32. Forced, it runs the AVX2 kernels on an AVX-512 CPU too.
+    ``"avx512"``: the same with sixteen codes per step and every LUT in one register; the fused
+    pass serves up to 64 tokens. Needs group sizes that are multiples of 16 (others take AVX2).
+    ``"bf16"``: as ``"auto"``, except that a bf16 model (x, LUT and bias bf16) from 8 (AVX2) or 16
+    (AVX-512) tokens on decodes bf16 tiles (exact: the values are the LUT's) for torch's bf16 matmul,
+    fp32 accumulation and one rounding. Forced, it runs on any AVX2 CPU, but is only fast with
+    native bf16.
     ``"portable"``: scalar decode of W tiles, then BLAS. fp64 work (gradcheck), group sizes that are
     not multiples of 8 and non-x86 CPUs always take it. Results agree within fp32 rounding.
     """
@@ -127,6 +131,7 @@ def use_cpu_kernel(name: str) -> Iterator[None]:
 
 
 def last_cpu_plan() -> str:
-    """What the last CPU lut_linear / lut_linear_dx on this thread ran: "avx2_gemv", "avx2_tiles",
-    "bf16_tiles" or "portable_tiles" ("none" before the first call)."""
+    """What the last CPU lut_linear / lut_linear_dx on this thread ran: "avx512_gemv",
+    "avx512_tiles", "avx2_gemv", "avx2_tiles", "bf16_tiles" or "portable_tiles" ("none" before the
+    first call)."""
     return _C.last_cpu_plan()
