@@ -1,17 +1,18 @@
-"""CPU benchmark of spallm.lut_linear (both CPU paths) against torch.matmul with dense fp32/bf16 W.
+"""CPU benchmark of spallm.lut_linear (every CPU path) against torch.matmul with dense fp32/bf16 W.
 
     python bench/bench_cpu.py [--out bench/results/cpu_lut_linear.json] [--quick]
 
-Shapes: 4096x4096 and 11008x4096 (Llama-2-7B MLP), M in {1, 2, 4, 8, 16, 32, 64, 256}; 4-bit
+Shapes: 4096x4096 and 11008x4096 (Llama-2-7B MLP), M in {1, 2, 4, 8, 16, 32, 64, 128, 256}; 4-bit
 with groups_per_row 1 and 4, 3- and 2-bit with 4, as fp32 models (x and LUT fp32) and, for 4-bit,
 as bf16 models (x and LUT bf16, what model.to(torch.bfloat16) gives). Rows:
 
-* ``spallm``: the automatic CPU path (``cpu_path`` says which ran: "avx2_gemv" decodes W in
-  registers straight into FMAs up to 16 tokens, "bf16_tiles" decodes bf16 tiles of W for torch's
-  bf16 matmul (bf16 models from 8 tokens on, where the CPU multiplies bf16 natively), "avx2_tiles" /
-  "portable_tiles" decode fp32 tiles of W for BLAS),
-* ``spallm_avx2``: bf16 models with the fp32 vector path forced, where auto takes bf16 tiles,
-* ``spallm_portable``: the portable path forced (scalar decode + BLAS), where auto is not it,
+* ``spallm``: the automatic CPU path (``cpu_path`` says which ran: "avx512_gemv" / "avx2_gemv"
+  decode W in registers straight into FMAs up to 64 / 16 tokens, "bf16_tiles" decodes bf16 tiles of
+  W for torch's bf16 matmul (bf16 models from 16 / 8 tokens on, where the CPU multiplies bf16
+  natively), "avx512_tiles" / "avx2_tiles" / "portable_tiles" decode fp32 tiles of W for BLAS),
+* ``spallm_avx512``, ``spallm_avx2``, ``spallm_portable``: that path forced (fp32 work: the vector
+  kernels of one instruction set, or the scalar decode + BLAS), wherever the CPU has it and it is
+  not what auto ran anyway,
 * ``torch_matmul_fp32`` / ``torch_matmul_bf16``: the dense layer the sketch replaces.
 
 Timed with time.perf_counter around whole calls (median; no cache flush: the weights, 8-45 MB of
@@ -42,11 +43,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one shape, fewer runs (smoke test)")
     args = ap.parse_args()
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
-    ms = [1, 8] if args.quick else [1, 2, 4, 8, 16, 32, 64, 256]
+    ms = [1, 16] if args.quick else [1, 2, 4, 8, 16, 32, 64, 128, 256]
     secs = 0.1 if args.quick else 0.5
-    has_avx2 = "avx2" in kernels.cpu_kernels()
-    paths = [("spallm", "auto")] + ([("spallm_portable", "portable")] if has_avx2 else [])
-    bf16_paths = paths[:1] + ([("spallm_avx2", "avx2")] if spallm_ext.build_info()["cpu_bf16"] else []) + paths[1:]
+    # auto, then each forced path this CPU has whose kernels auto would not pick for an fp32 model
+    # (the widest vector set); bf16 models also force that one where auto takes the bf16 tiles.
+    have = kernels.cpu_kernels()
+    widest = "avx512" if "avx512" in have else "avx2" if "avx2" in have else "portable"
+    forced = [p for p in ("avx512", "avx2", "portable") if p in have and p != widest]
+    paths = [("spallm", "auto")] + [(f"spallm_{p}", p) for p in forced]
+    bf16_extra = [(f"spallm_{widest}", widest)] if spallm_ext.build_info()["cpu_bf16"] and widest != "portable" else []
+    bf16_paths = paths[:1] + bf16_extra + paths[1:]
     rows = []
     print(f"{'N':>6} {'K':>5} {'M':>3} {'b':>2} {'G':>2} {'impl':<16} {'x':<5} {'median_ms':>9} {'vs fp32 mm':>10}  path")
     for n, k in shapes:

@@ -10,7 +10,8 @@ Every nn.Linear but lm_head becomes a SketchedLinear by the data-free conversion
 codes it holds, so calibration would change nothing here. The bf16 model is the same model after
 model.to(torch.bfloat16) (LUTs bf16, codes unchanged). Rows (``dtype`` fp32 or bf16):
 ``dense`` and ``spallm`` (automatic CPU path), plus the fp32 model's ``spallm_portable`` (scalar
-decode + BLAS forced) and the bf16 model's ``spallm_avx2`` (fp32 vector path forced, where auto
+decode + BLAS forced) and, on an AVX-512 CPU, ``spallm_avx2`` (the AVX2 kernels forced), and the
+bf16 model's ``spallm_avx512`` / ``spallm_avx2`` (the widest fp32 vector path forced, where auto
 takes bf16 tiles). Each has ``tokens_per_s`` over ``new_tokens`` generated (median of 3 after one
 warm-up generate), ``prefill_ms`` (median of 3 forwards of ``prefill_tokens`` tokens) and
 ``cpu_path_decode`` / ``cpu_path_prefill``: what the last sketched layer ran.
@@ -90,7 +91,9 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--groups", type=int, default=1)
     args = ap.parse_args()
-    has_avx2 = "avx2" in kernels.cpu_kernels()
+    have = kernels.cpu_kernels()
+    has_avx2 = "avx2" in have
+    widest = "avx512" if "avx512" in have else "avx2" if has_avx2 else None
     model, tok = load_smollm2()
     model.eval()
     ids = tok(PROMPT, return_tensors="pt").input_ids
@@ -112,12 +115,14 @@ def main() -> None:
     layers = sketch_linears(model, args.bits, args.groups)
     sk = {"groups_per_row": args.groups, "sketched_layers": layers}
     add("spallm", "fp32", args.bits, "auto", sk)
+    if widest == "avx512":
+        add("spallm_avx2", "fp32", args.bits, "avx2", sk)
     if has_avx2:
         add("spallm_portable", "fp32", args.bits, "portable", sk)
     model.to(torch.bfloat16)
     add("spallm", "bf16", args.bits, "auto", sk)
-    if spallm_ext.build_info()["cpu_bf16"]:
-        add("spallm_avx2", "bf16", args.bits, "avx2", sk)
+    if spallm_ext.build_info()["cpu_bf16"] and widest is not None:
+        add(f"spallm_{widest}", "bf16", args.bits, widest, sk)
     for r in rows:
         print(f"{r['impl']:<16} {r['dtype']:<5} {r.get('cpu_path_decode', '-'):<15} {r['tokens_per_s']:6.1f} tokens/s"
               f"   prefill {r['prefill_tokens']} tokens {r['prefill_ms']:8.1f} ms  {r.get('cpu_path_prefill', '-')}")

@@ -23,26 +23,32 @@ def test_quick_run_writes_both_paths(tmp_path):
     for key in ("device", "torch", "cuda", "commit", "rows", "threads", "cpu_simd", "cpu_bf16"):
         assert key in data, key
     rows = data["rows"]
-    has_avx2 = "avx2" in kernels.cpu_kernels()
+    have = kernels.cpu_kernels()
+    widest = "avx512" if "avx512" in have else "avx2" if "avx2" in have else None
     bf16 = spallm_ext.build_info()["cpu_bf16"]
     auto_bf16 = bf16 and torch.backends.mkldnn.is_available()
     impls = {r["impl"] for r in rows}
     assert {"torch_matmul_fp32", "torch_matmul_bf16", "spallm"} <= impls
-    assert ("spallm_portable" in impls) == has_avx2
-    assert ("spallm_avx2" in impls) == bf16
+    # every path this CPU has, forced, besides auto's own (the widest, forced only for bf16 models)
+    assert ("spallm_portable" in impls) == (widest is not None)
+    assert ("spallm_avx2" in impls) == (widest == "avx512" or (widest == "avx2" and bf16))
+    assert ("spallm_avx512" in impls) == (widest == "avx512" and bf16)
     for r in rows:
         for key in ("impl", "M", "N", "K", "bits", "groups_per_row", "adapters", "median_us"):
             assert key in r, (key, r)
         assert r["median_us"] > 0
         if r["impl"] == "spallm":
-            if not has_avx2:
+            if widest is None:
                 assert r["cpu_path"] == "portable_tiles"
-            elif auto_bf16 and r["x_dtype"] == "bf16" and r["M"] >= 8:
+            elif auto_bf16 and r["x_dtype"] == "bf16" and r["M"] >= (16 if widest == "avx512" else 8):
                 assert r["cpu_path"] == "bf16_tiles"
             else:
-                assert r["cpu_path"] == "avx2_gemv"
-        if r["impl"] == "spallm_avx2":
-            assert r["cpu_path"] == "avx2_gemv" and r["x_dtype"] == r["lut_dtype"] == "bf16"
+                assert r["cpu_path"] == f"{widest}_gemv"
+        for isa in ("avx2", "avx512"):
+            if r["impl"] == f"spallm_{isa}":
+                assert r["cpu_path"] == f"{isa}_gemv"
+                if isa == widest:
+                    assert r["x_dtype"] == r["lut_dtype"] == "bf16"
         if r["impl"] == "spallm_portable":
             assert r["cpu_path"] == "portable_tiles"
     assert {r["bits"] for r in rows if r["impl"] == "spallm"} == {2, 3, 4}
