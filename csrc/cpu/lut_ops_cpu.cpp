@@ -127,10 +127,18 @@ void decode_rows(const LutShape& s, const uint8_t* codes, const lut_t* lut, int6
       out_t* orow = out + i * s.K;
       for (int64_t g = 0; g < s.G; ++g) {
         const lut_t* table = lrow + g * s.E;
-        const int64_t c0 = g * s.group_size;
-        for (int64_t c = c0; c < c0 + s.group_size; ++c) {
-          orow[c] = static_cast<out_t>(table[code_at<BITS>(crow, c)]);
+        const int64_t c0 = g * s.group_size, c1 = c0 + s.group_size;
+        int64_t c = c0;
+        if (s.group_size % 8 == 0) {
+          // Whole 8-column chunks (BITS bytes each, csrc/codes.h): with the column inside the
+          // chunk a constant, every code is a fixed shift and mask of one byte, no per-column
+          // index arithmetic.
+          for (; c < c1; c += 8) {
+            const uint8_t* chunk = crow + c / 8 * BITS;
+            for (int j = 0; j < 8; ++j) orow[c + j] = static_cast<out_t>(table[code_at<BITS>(chunk, j)]);
+          }
         }
+        for (; c < c1; ++c) orow[c] = static_cast<out_t>(table[code_at<BITS>(crow, c)]);
       }
     }
   });
