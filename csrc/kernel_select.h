@@ -21,16 +21,16 @@ bool set_lowrank_t(const std::string& mode);
 std::string lowrank_t();
 
 // The CPU path (csrc/cpu/lut_ops_cpu.cpp): "auto" (the widest vector kernels the CPU has, AVX-512
-// or AVX2 + FMA, else the portable ones; bf16 tiles for bf16 models where the CPU multiplies bf16
-// natively), "portable" (scalar decode + BLAS), "avx2" (the AVX2 kernels even on an AVX-512 CPU,
-// fp32 work only), "avx512" (the AVX-512 kernels where the group size allows, fp32 work only) or
-// "bf16" (as "auto", plus bf16 tiles on any AVX2 CPU). False for an unknown name or a path this
-// CPU lacks. cpu_kernels() lists what this CPU can run.
+// or AVX2 + FMA, else the portable ones; bf16 tiles for bf16 activations, forward and backward,
+// where the CPU multiplies bf16 natively), "portable" (scalar decode + BLAS), "avx2" (the AVX2
+// kernels even on an AVX-512 CPU, fp32 work only), "avx512" (the AVX-512 kernels where the group
+// size allows, fp32 work only) or "bf16" (as "auto", with the bf16 tiles on any AVX2 CPU). False
+// for an unknown name or a path this CPU lacks. cpu_kernels() lists what this CPU can run.
 bool set_cpu_kernel(const std::string& name);
 std::string cpu_kernel();
 std::vector<std::string> cpu_kernels();
 // "avx512_gemv", "avx512_tiles", "avx2_gemv", "avx2_tiles", "bf16_tiles" or "portable_tiles":
-// what the last CPU lut_linear / lut_linear_dx on this thread ran ("none" before the first).
+// what the last CPU lut_linear / lut_linear_dx / lut_grad on this thread ran ("none" before the first).
 std::string last_cpu_plan();
 
 }  // namespace spallm

@@ -43,29 +43,40 @@ def vector_isa(path: str, group_size: int) -> str | None:
     return "avx512" if HAS_AVX512 and path != "avx2" and group_size % 16 == 0 else "avx2"
 
 
-def expected_plan(path: str, m: int, group_size: int, acc: torch.dtype, x_dtype: torch.dtype = torch.float32,
-                  lut_dtype: torch.dtype = torch.float32) -> str:
+def expected_plan(path: str, m: int, group_size: int, acc: torch.dtype, x_dtype: torch.dtype = torch.float32) -> str:
+    """The plan of lut_linear / lut_linear_dx with m tokens whose activations (x, or dy) are x_dtype."""
     isa = vector_isa(path, group_size)
     if isa is None or acc != torch.float32:
         return "portable_tiles"
     bf16_tiles = path == "bf16" or (path == "auto" and AUTO_BF16)
-    if bf16_tiles and m >= (16 if isa == "avx512" else 8) and x_dtype == lut_dtype == torch.bfloat16:
+    if bf16_tiles and m >= (16 if isa == "avx512" else 8) and x_dtype == torch.bfloat16:
         return "bf16_tiles"
     return f"{isa}_gemv" if m <= (64 if isa == "avx512" else 16) else f"{isa}_tiles"
 
 
-def assert_one_bf16_rounding(y: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor,
-                             bias: torch.Tensor | None = None) -> None:
-    """y (bf16) is the exact product rounded once to bf16, up to fp32 summation order: within half
-    a bf16 ulp of the fp64 result plus a small multiple of fp32 rounding of the terms. A second
-    rounding, W rounded from an fp32 LUT or a wrong tile exceeds it."""
+def lut_as_run(lut: torch.Tensor, plan: str) -> torch.Tensor:
+    """The LUT whose W a call multiplied: the bf16 tiles round an fp32 / fp16 LUT to bf16 (as the
+    CUDA tensor-core kernels and autocast do); every other path uses its values exactly."""
+    return lut.bfloat16() if plan == "bf16_tiles" else lut
+
+
+def assert_one_bf16_rounding_mm(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                                bias: torch.Tensor | None = None) -> None:
+    """y (bf16) is a @ b (+ bias) computed exactly and rounded once to bf16, up to fp32 summation
+    order: within half a bf16 ulp of the fp64 result plus a small multiple of fp32 rounding of the
+    terms. A second rounding, a wrong W or a wrong tile exceeds it."""
     assert y.dtype == torch.bfloat16
-    w = reference.lut_decode(codes, lut).double()
-    exact = x.double() @ w.T + (0 if bias is None else bias.double())
-    terms = x.double().abs() @ w.abs().T + (0 if bias is None else bias.double().abs())
+    exact = a.double() @ b.double() + (0 if bias is None else bias.double())
+    terms = a.double().abs() @ b.double().abs() + (0 if bias is None else bias.double().abs())
     bound = 2.0**-8 * exact.abs() + 2.0**-18 * terms
     err = (y.double() - exact).abs()
     assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3e}"
+
+
+def assert_one_bf16_rounding(y: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor,
+                             bias: torch.Tensor | None = None) -> None:
+    """y = x W^T (+ bias) with W decoded from (codes, lut), rounded once to bf16."""
+    assert_one_bf16_rounding_mm(y, x, reference.lut_decode(codes, lut).T, bias)
 
 
 def test_path_names_and_errors():
@@ -115,7 +126,7 @@ def test_auto_is_the_best_path_this_cpu_has():
     spallm_ext.lut_linear(randn(first - 1, 64, dtype=torch.bfloat16), codes, lut16)
     assert kernels.last_cpu_plan() == gemv
     spallm_ext.lut_linear(randn(first, 64, dtype=torch.bfloat16), codes, lut16)
-    assert kernels.last_cpu_plan() == expected_plan("auto", first, 32, torch.float32, torch.bfloat16, torch.bfloat16)
+    assert kernels.last_cpu_plan() == expected_plan("auto", first, 32, torch.float32, torch.bfloat16)
     assert kernels.last_cpu_plan() == ("bf16_tiles" if AUTO_BF16 and HAS_AVX2 else gemv)
     # ... and never when torch's bf16 matmul does not run on oneDNN.
     with torch.backends.mkldnn.flags(enabled=False):
@@ -154,10 +165,11 @@ def test_dtypes(path, act_dtype, lut_dtype, bits, m):
     kernels.set_cpu_kernel(path)
     y = spallm_ext.lut_linear(x, codes, lut)
     acc = torch.float64 if act_dtype == torch.float64 else torch.float32
-    assert kernels.last_cpu_plan() == expected_plan(path, m, 64, acc, act_dtype, lut_dtype)
+    plan = expected_plan(path, m, 64, acc, act_dtype)
+    assert kernels.last_cpu_plan() == plan
     assert_close_rel(y, reference.lut_linear(x, codes, lut))
     if act_dtype == torch.bfloat16:
-        assert_one_bf16_rounding(y, x, codes, lut)
+        assert_one_bf16_rounding(y, x, codes, lut_as_run(lut, plan))
     assert torch.equal(spallm_ext.lut_decode(codes, lut), reference.lut_decode(codes, lut))
 
 
@@ -252,16 +264,28 @@ def test_non_finite_lut_entries(path, bits, m):
 @pytest.mark.parametrize("lut_dtype", [torch.float32, torch.bfloat16], ids=["lut32", "lut16b"])
 def test_several_row_tiles(path, dtype, lut_dtype):
     """300 x 4096 is two row tiles of the decode (2^20 weights each): every tile must decode its own
-    codes and LUT rows and add its own part of the bias."""
+    codes and LUT rows and add its own part of the bias. The bf16 lut_linear_dx splits W into
+    column slabs instead (3488 + 608 columns here, the first ending inside a 1024-column group):
+    each slab must decode its own columns and groups. lut_grad reduces dW in row tiles again."""
     codes, lut = make_sketch(300, 4096, 4, 4, lut_dtype=lut_dtype, seed=11)
     x, dy, bias = randn(20, 4096, dtype=dtype, seed=12), randn(20, 300, dtype=dtype, seed=13), randn(300, dtype=dtype, seed=14)
     kernels.set_cpu_kernel(path)
     y = spallm_ext.lut_linear(x, codes, lut, bias)
-    assert kernels.last_cpu_plan() == expected_plan(path, 20, 1024, torch.float32, dtype, lut_dtype)
+    plan = expected_plan(path, 20, 1024, torch.float32, dtype)
+    assert kernels.last_cpu_plan() == plan
     assert_close_rel(y, reference.lut_linear(x, codes, lut, bias))
     if dtype == torch.bfloat16:
-        assert_one_bf16_rounding(y, x, codes, lut, bias)
-    assert_close_rel(spallm_ext.lut_linear_dx(dy, codes, lut), reference.lut_linear_dx(dy, codes, lut))
+        assert_one_bf16_rounding(y, x, codes, lut_as_run(lut, plan), bias)
+    dx = spallm_ext.lut_linear_dx(dy, codes, lut)
+    assert kernels.last_cpu_plan() == (plan if plan == "bf16_tiles" else plan.replace("_gemv", "_tiles"))
+    assert_close_rel(dx, reference.lut_linear_dx(dy, codes, lut))
+    if dtype == torch.bfloat16:
+        assert_one_bf16_rounding_mm(dx, dy, reference.lut_decode(codes, lut_as_run(lut, plan)))
+    # lut_grad: two row tiles of dW (256 + 44 rows), each reduced into its own rows' buckets.
+    dlut = spallm_ext.lut_grad(dy, x, codes, 4, 16)
+    assert_close_rel(dlut, reference.lut_grad(dy.float(), x.float(), codes, 4, 16), dtype)
+    if plan == "bf16_tiles":
+        assert_bf16_lut_grad(dlut, dy, x, codes, 4, 4)
 
 
 def force_bf16_tiles() -> bool:
@@ -286,8 +310,7 @@ def test_bf16_tiles(bits, groups, k, m):
     codes, lut = make_sketch(n, k, bits, groups, lut_dtype=torch.bfloat16, seed=bits * 100 + k + m)
     x, bias = randn(1, m, k, dtype=torch.bfloat16, seed=m), randn(n, dtype=torch.bfloat16, seed=m + 1)
     y = spallm_ext.lut_linear(x, codes, lut, bias)
-    assert kernels.last_cpu_plan() == expected_plan("bf16", m, k // groups, torch.float32, torch.bfloat16,
-                                                    torch.bfloat16)
+    assert kernels.last_cpu_plan() == expected_plan("bf16", m, k // groups, torch.float32, torch.bfloat16)
     assert y.shape == (1, m, n)
     assert_close_rel(y, reference.lut_linear(x, codes, lut, bias))
     assert_one_bf16_rounding(y[0], x[0], codes, lut, bias)
@@ -319,3 +342,74 @@ def test_bf16_tiles_adversarial_and_non_finite(mode, bits):
     assert torch.isinf(y[:, 4]).all()
     others = [i for i in range(n) if i != 4]
     assert torch.equal(y[:, others], clean[:, others])
+
+
+def assert_bf16_lut_grad(dlut: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, bits: int,
+                         groups: int) -> None:
+    """dlut (fp32) sums, per (row, group, code), dW = dy^T x with each dW element rounded once to
+    bf16 after an fp32 accumulation: within a bf16 half-ulp of each |dW| plus fp32 rounding of the
+    terms, summed over the bucket. A missing or wrong tile, a wrong bucket or a bf16 sum exceeds it."""
+    n, k = dy.shape[1], x.shape[1]
+    e = 1 << bits
+    index = (torch.arange(k) // (k // groups) * e).expand(n, k) + spallm_ext.unpack_codes(codes, bits).long()
+
+    def buckets(w: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(n, groups * e, dtype=torch.float64).scatter_add_(1, index, w).view(n, groups, e)
+
+    dw = dy.double().T @ x.double()
+    exact = buckets(dw)
+    bound = buckets(2.0**-8 * dw.abs() + 2.0**-18 * (dy.double().abs().T @ x.double().abs())) + 1e-30
+    assert dlut.dtype == torch.float32
+    err = (dlut.double() - exact).abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3e}"
+
+
+@pytest.mark.parametrize("bits,groups,k", VECTOR_SHAPES, ids=[f"b{b}-g{g}-k{k}" for b, g, k in VECTOR_SHAPES])
+@pytest.mark.parametrize("lut_dtype", [torch.float32, torch.bfloat16], ids=["lut32", "lut16b"])
+@pytest.mark.parametrize("m", [7, 16, 40], ids=["m7", "m16", "m40"])
+def test_bf16_backward(bits, groups, k, lut_dtype, m):
+    """lut_linear_dx and lut_grad with bf16 dy and x on the bf16 path: bf16 GEMMs on W decoded to
+    bf16 (an fp32 LUT rounded once) and on bf16 dW tiles, from the same token count as the forward;
+    below it fp32 work. dx is one rounding of dy W, dLUT an fp32 sum of once-rounded dW."""
+    if not force_bf16_tiles():
+        return
+    n = 13
+    codes, lut = make_sketch(n, k, bits, groups, lut_dtype=lut_dtype, seed=bits * 10 + k + m)
+    dy, x = randn(m, n, dtype=torch.bfloat16, seed=m), randn(1, m, k, dtype=torch.bfloat16, seed=m + 1)
+    plan = expected_plan("bf16", m, k // groups, torch.float32, torch.bfloat16)
+    dx = spallm_ext.lut_linear_dx(dy, codes, lut)
+    assert kernels.last_cpu_plan() == (plan if plan == "bf16_tiles" else plan.replace("_gemv", "_tiles"))
+    assert dx.dtype == torch.bfloat16 and dx.shape == (m, k)
+    assert_one_bf16_rounding_mm(dx, dy, reference.lut_decode(codes, lut_as_run(lut, plan)))
+    dlut = spallm_ext.lut_grad(dy, x, codes, groups, 1 << bits)
+    assert kernels.last_cpu_plan() == ("bf16_tiles" if plan == "bf16_tiles" else "portable_tiles")
+    assert_close_rel(dlut, reference.lut_grad(dy.float(), x[0].float(), codes, groups, 1 << bits), torch.bfloat16)
+    if plan == "bf16_tiles":
+        assert_bf16_lut_grad(dlut, dy, x[0], codes, bits, groups)
+    assert torch.equal(dlut, spallm_ext.lut_grad(dy, x, codes, groups, 1 << bits)), "not repeatable"
+
+
+def test_autocast_training_step_takes_bf16_tiles():
+    """A SketchedLinear with its fp32 master LUT, trained under CPU autocast: forward, dx and dLUT
+    all run as bf16 tiles, and the gradients stay within bf16 rounding of the fp32 step's."""
+    if not force_bf16_tiles():
+        return
+    torch.manual_seed(0)
+    layer = spallm_ext.SketchedLinear.from_linear(torch.nn.Linear(256, 96), bits=4, groups_per_row=4)
+    x = torch.randn(4, 12, 256)
+    grads = {}
+    for mode in ("fp32", "autocast"):
+        layer.zero_grad()
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            y = layer(xx)
+            assert y.dtype == (torch.bfloat16 if mode == "autocast" else torch.float32)
+            if mode == "autocast":
+                assert kernels.last_cpu_plan() == "bf16_tiles"
+        y.float().square().sum().backward()
+        if mode == "autocast":
+            assert kernels.last_cpu_plan() == "bf16_tiles"  # lut_grad ran last, after lut_linear_dx
+        assert layer.lut.grad.dtype == torch.float32 and xx.grad.dtype == torch.float32
+        grads[mode] = (y.float(), xx.grad, layer.lut.grad.clone())
+    for got, ref in zip(grads["autocast"], grads["fp32"]):
+        assert_close_rel(got, ref, torch.bfloat16, factor=4.0)

@@ -16,11 +16,15 @@
 // decoded in registers straight into FMAs with the tokens (a GEMV-style pass, memory traffic =
 // the codes). kernels.set_cpu_kernel forces each path for tests and benchmarks.
 //
-// bf16 models (x and LUT both bf16) from bf16_min_tokens tokens on take bf16 tiles where the CPU
-// multiplies bf16 natively: the vector decode writes bf16 (exact, the values are the LUT's) and
-// torch's bf16 matmul (oneDNN; fp32 accumulation and one rounding, like the fp32 tiles) runs at
-// about four times the fp32 rate on an AVX512-BF16 CPU (bench/bench_cpu.py). Only the summation
-// order differs from the reference. The backward ops keep fp32 work.
+// bf16 activations (bf16 models, and any model under CPU autocast) from bf16_min_tokens tokens on
+// take bf16 tiles where the CPU multiplies bf16 natively: the vector decode writes W in bf16
+// (exact for a bf16 LUT, an fp32 / fp16 LUT rounded once, as on the CUDA tensor cores) and torch's
+// bf16 matmul (oneDNN; fp32 accumulation and one rounding) runs at about four times the fp32 rate
+// on an AVX512-BF16 CPU (bench/bench_cpu.py). The backward ops do the same with bf16 dy (and x):
+//   lut_linear_dx: dx[:, slab] = dy @ W[:, slab] over column slabs of W decoded to bf16, so every
+//                  dx element is one GEMM's fp32 sum over all N rows, rounded once;
+//   lut_grad:      dW tiles from the bf16 GEMM (each element rounded once to bf16, as nn.Linear's
+//                  weight gradient is under autocast), reduced into the buckets in fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -103,11 +107,21 @@ cpu::CodeRows code_rows(const LutShape& s, const at::Tensor& codes, const at::Te
   return w;
 }
 
-// Whether lut_linear with M tokens takes the bf16 tiles (x, LUT and bias all bf16).
-bool bf16_tiles_apply(const LutShape& s, const at::Tensor& x, const at::Tensor& lut, int64_t M) {
-  if (x.scalar_type() != at::kBFloat16 || lut.scalar_type() != at::kBFloat16 || !use_bf16_tiles()) return false;
+// Whether an op whose activations have dtype `act` (x; dy for lut_linear_dx; dy and x for
+// lut_grad) and M tokens takes the bf16 tiles: bf16 activations, vector kernels for the sketch, and
+// enough tokens. W then goes to the GEMM in bf16: exact for a bf16 LUT, rounded once (to nearest
+// even) for an fp32 or fp16 one, as the CUDA tensor-core kernels and nn.Linear under autocast do.
+bool bf16_tiles_apply(const LutShape& s, at::ScalarType act, int64_t M) {
+  if (act != at::kBFloat16 || !use_bf16_tiles()) return false;
   const cpu::VectorKernels* vec = vector_kernels(s);
   return vec != nullptr && M >= bf16_min_tokens(*vec);
+}
+
+// Rows of a LUT as the vector decode reads them: fp32, first rounded to bf16 when the decode
+// writes bf16 (its bf16 store keeps the high half of each fp32 word, exact only for bf16 values).
+at::Tensor lut_for_decode(const at::Tensor& lut_rows, bool to_bf16) {
+  const at::Tensor l = to_bf16 && lut_rows.scalar_type() != at::kBFloat16 ? lut_rows.to(at::kBFloat16) : lut_rows;
+  return l.to(at::kFloat).contiguous();
 }
 
 int64_t tile_rows(const LutShape& s) {
@@ -148,19 +162,19 @@ void decode_rows(const LutShape& s, const uint8_t* codes, const lut_t* lut, int6
 at::Tensor decode_tile(const LutShape& s, const at::Tensor& codes, const at::Tensor& lut, int64_t r0,
                        int64_t rows, at::ScalarType out_type) {
   at::Tensor out = at::empty({rows, s.K}, lut.options().dtype(out_type));
-  // The vector decode writes fp32, or bf16 from a bf16 LUT (bf16 -> fp32 -> bf16 is exact).
-  const bool to_bf16 = out_type == at::kBFloat16 && lut.scalar_type() == at::kBFloat16;
+  // The vector decode writes fp32 or bf16.
+  const bool to_bf16 = out_type == at::kBFloat16;
   const cpu::VectorKernels* vec = vector_kernels(s);
   if ((out_type == at::kFloat || to_bf16) && vec != nullptr) {
-    // Only this tile's LUT rows are converted (a no-op for an fp32 LUT).
-    const at::Tensor lut32 = lut.narrow(0, r0, rows).to(at::kFloat).contiguous();
+    // Only this tile's LUT rows are converted (a no-op for an fp32 LUT and fp32 output).
+    const at::Tensor lut32 = lut_for_decode(lut.narrow(0, r0, rows), to_bf16);
     const cpu::CodeRows w = code_rows(s, codes.narrow(0, r0, rows), lut32);
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       if (to_bf16) {
         auto* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-        vec->decode_bf16(w, begin, end, o + begin * s.K);
+        vec->decode_bf16(w, begin, end, 0, s.K, o + begin * s.K);
       } else {
-        vec->decode(w, begin, end, out.data_ptr<float>() + begin * s.K);
+        vec->decode(w, begin, end, 0, s.K, out.data_ptr<float>() + begin * s.K);
       }
     });
     return out;
@@ -199,7 +213,7 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
   check_activation(op, "x", x, s.K, /*allow_double=*/true);
   check_same_device(op, "x", x, "codes", codes);
   if (bias.has_value()) check_bias(op, *bias, x, s.N);
-  if (bf16_tiles_apply(s, x, lut, as_tokens(x).size(0))) {
+  if (bf16_tiles_apply(s, x.scalar_type(), as_tokens(x).size(0))) {
     g_last_cpu_plan = "bf16_tiles";
     const at::Tensor xb = as_tokens(x).contiguous();
     at::Tensor y = at::empty({xb.size(0), s.N}, x.options());
@@ -230,12 +244,39 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
   return with_token_dims(y.to(x.scalar_type()), x.sizes(), s.N);
 }
 
+// dx = dy W for bf16 dy [M, N], over column slabs of W: each slab W[:, c0:c1] (all N rows, about
+// kTileElems weights) is decoded to bf16 and dx[:, c0:c1] = dy W[:, c0:c1] is one bf16 GEMM, so
+// every dx element comes from one fp32 accumulation over all N rows and one rounding (row tiles
+// would round partial sums once per tile or need an fp32 product a bf16 GEMM does not give).
+at::Tensor bf16_dx(const LutShape& s, const at::Tensor& dyb, const at::Tensor& codes, const at::Tensor& lut) {
+  const cpu::VectorKernels* vec = vector_kernels(s);
+  const int64_t width = vec->width;
+  const int64_t step = std::max<int64_t>(width, kTileElems / std::max<int64_t>(s.N, 1) / width * width);
+  const at::Tensor lut32 = lut_for_decode(lut, /*to_bf16=*/true);
+  const cpu::CodeRows w = code_rows(s, codes, lut32);
+  at::Tensor dx = at::empty({dyb.size(0), s.K}, dyb.options());
+  for (int64_t c0 = 0; c0 < s.K; c0 += step) {
+    const int64_t c1 = std::min(s.K, c0 + step);
+    at::Tensor slab = at::empty({s.N, c1 - c0}, dyb.options());
+    auto* o = reinterpret_cast<uint16_t*>(slab.data_ptr<at::BFloat16>());
+    at::parallel_for(0, s.N, 16, [&](int64_t begin, int64_t end) {
+      vec->decode_bf16(w, begin, end, c0, c1, o + begin * (c1 - c0));
+    });
+    dx.narrow(1, c0, c1 - c0).copy_(at::mm(dyb, slab));
+  }
+  return dx;
+}
+
 at::Tensor lut_linear_dx_cpu(const at::Tensor& dy, const at::Tensor& codes, const at::Tensor& lut) {
   const NoAutocast no_autocast;
   constexpr const char* op = "spallm.lut_linear_dx";
   const LutShape s = check_codes_lut(op, codes, lut);
   check_activation(op, "dy", dy, s.N, /*allow_double=*/true);
   check_same_device(op, "dy", dy, "codes", codes);
+  if (bf16_tiles_apply(s, dy.scalar_type(), as_tokens(dy).size(0))) {
+    g_last_cpu_plan = "bf16_tiles";
+    return with_token_dims(bf16_dx(s, as_tokens(dy).contiguous(), codes, lut), dy.sizes(), s.K);
+  }
   const at::ScalarType acc = acc_type(dy.scalar_type());
   const at::Tensor dya = as_tokens(dy).to(acc).contiguous();
   const int64_t M = dya.size(0);
@@ -251,18 +292,18 @@ at::Tensor lut_linear_dx_cpu(const at::Tensor& dy, const at::Tensor& codes, cons
   return with_token_dims(dx.to(dy.scalar_type()), dy.sizes(), s.K);
 }
 
-template <int BITS, typename acc_t>
-void reduce_into_buckets(const LutShape& s, const uint8_t* codes, const acc_t* dw, int64_t r0,
+template <int BITS, typename acc_t, typename dw_t>
+void reduce_into_buckets(const LutShape& s, const uint8_t* codes, const dw_t* dw, int64_t r0,
                          int64_t rows, acc_t* dlut) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const uint8_t* crow = codes + (r0 + i) * s.row_bytes;
-      const acc_t* drow = dw + i * s.K;
+      const dw_t* drow = dw + i * s.K;
       acc_t* lrow = dlut + (r0 + i) * s.G * s.E;
       for (int64_t g = 0; g < s.G; ++g) {
         acc_t* bucket = lrow + g * s.E;
         const int64_t c0 = g * s.group_size;
-        for (int64_t c = c0; c < c0 + s.group_size; ++c) bucket[code_at<BITS>(crow, c)] += drow[c];
+        for (int64_t c = c0; c < c0 + s.group_size; ++c) bucket[code_at<BITS>(crow, c)] += static_cast<acc_t>(drow[c]);
       }
     }
   });
@@ -280,21 +321,30 @@ at::Tensor lut_grad_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   check_same_device(op, "x", x, "codes", codes);
   SPALLM_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), op, ": arguments 'dy' and 'x' must have one dtype, got ",
                     dy.scalar_type(), " and ", x.scalar_type());
+  // bf16 activations on the bf16 path: dW tiles from torch's bf16 GEMM (fp32 accumulation, each
+  // dW element rounded once to bf16, as nn.Linear's weight gradient is under autocast), summed
+  // into the buckets in fp32.
+  const bool bf16 = x.scalar_type() == at::kBFloat16 && bf16_tiles_apply(s, at::kBFloat16, as_tokens(x).size(0));
   const at::ScalarType acc = acc_type(x.scalar_type());
-  const at::Tensor dya = as_tokens(dy).to(acc);
-  const at::Tensor xa = as_tokens(x).to(acc).contiguous();
+  const at::ScalarType work = bf16 ? at::kBFloat16 : acc;
+  const at::Tensor dya = as_tokens(dy).to(work);
+  const at::Tensor xa = as_tokens(x).to(work).contiguous();
   SPALLM_CHECK_VALUE(dya.size(0) == xa.size(0), op, ": arguments 'dy' and 'x' must have the same number of "
                      "tokens, got ", dya.size(0), " and ", xa.size(0));
   at::Tensor dlut = at::zeros({s.N, s.G, s.E}, x.options().dtype(acc));
   if (xa.size(0) == 0) return dlut;
+  g_last_cpu_plan = bf16 ? "bf16_tiles" : "portable_tiles";  // no decode here: the fp32 work is the portable one
   const int64_t step = tile_rows(s);
   for (int64_t r0 = 0; r0 < s.N; r0 += step) {
     const int64_t rows = std::min(step, s.N - r0);
     const at::Tensor dw = at::mm(dya.narrow(1, r0, rows).t(), xa).contiguous();
     AT_DISPATCH_FLOATING_TYPES(acc, "spallm_lut_grad", [&] {
-      SPALLM_DISPATCH_BITS(s.bits, [&] {
-        reduce_into_buckets<BITS>(s, codes.data_ptr<uint8_t>(), dw.data_ptr<scalar_t>(), r0, rows,
-                                  dlut.data_ptr<scalar_t>());
+      using acc_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, work, "spallm_lut_grad_dw", [&] {
+        SPALLM_DISPATCH_BITS(s.bits, [&] {
+          reduce_into_buckets<BITS>(s, codes.data_ptr<uint8_t>(), dw.data_ptr<scalar_t>(), r0, rows,
+                                    dlut.data_ptr<acc_t>());
+        });
       });
     });
   }

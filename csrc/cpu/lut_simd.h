@@ -42,11 +42,12 @@ bool native_bf16_available();
 struct VectorKernels {
   const char* name = nullptr;  // "avx2" or "avx512": the CPU plans are named after it
   int width = 0;               // codes decoded per step
-  // out[(r - r0) * K + c] = W[r, c] for rows r0 <= r < r1.
-  void (*decode)(const CodeRows& w, int64_t r0, int64_t r1, float* out) = nullptr;
-  // The same rows as bf16 bit patterns. Only for a LUT whose fp32 values came from bf16 (every
+  // out[(r - r0) * (c1 - c0) + c - c0] = W[r, c] for rows r0 <= r < r1 and columns c0 <= c < c1
+  // (multiples of `width`, not necessarily of the group size).
+  void (*decode)(const CodeRows& w, int64_t r0, int64_t r1, int64_t c0, int64_t c1, float* out) = nullptr;
+  // The same window as bf16 bit patterns. Only for a LUT whose fp32 values came from bf16 (every
   // value exactly representable): the high half of each fp32 word then is the bf16 value itself.
-  void (*decode_bf16)(const CodeRows& w, int64_t r0, int64_t r1, uint16_t* out) = nullptr;
+  void (*decode_bf16)(const CodeRows& w, int64_t r0, int64_t r1, int64_t c0, int64_t c1, uint16_t* out) = nullptr;
   // y[m * N + r] = sum_c x[m * K + c] W[r, c] for rows r0 <= r < r1 and all M tokens of x (fp32,
   // [M, K] contiguous), W decoded in registers and never stored. Each (token, row) sums in the
   // lanes in column order, then across the lanes: a fixed order, so results repeat bit for bit.

@@ -35,16 +35,20 @@ SPALLM_VEC_FN uint32_t chunk_word(const uint8_t* chunk) {
   }
 }
 
-// out[(r - r0) * K + c] = W[r, c] for rows r0 <= r < r1 (out_t float, or uint16_t for bf16).
+// out[(r - r0) * (c1 - c0) + c - c0] = W[r, c] for rows r0 <= r < r1 and columns c0 <= c < c1
+// (multiples of V::kWidth; a window may start or end inside a group). out_t is float, or
+// uint16_t for bf16.
 template <class V, int BITS, typename out_t>
-SPALLM_VEC_FN void decode_rows(const spallm::cpu::CodeRows& w, int64_t r0, int64_t r1, out_t* out) {
+SPALLM_VEC_FN void decode_rows(const spallm::cpu::CodeRows& w, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+                               out_t* out) {
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* crow = w.codes + r * w.row_bytes;
-    out_t* orow = out + (r - r0) * w.K;
-    for (int64_t g = 0; g < w.G; ++g) {
+    out_t* orow = out + (r - r0) * (c1 - c0);
+    for (int64_t g = c0 / w.group_size; g * w.group_size < c1; ++g) {
       const auto t = V::template table<BITS>(w.lut + (r * w.G + g) * w.E);
-      for (int64_t c = g * w.group_size; c < (g + 1) * w.group_size; c += V::kWidth) {
-        V::store(orow + c, V::template lookup<BITS>(t, V::template codes<BITS>(crow + c / 8 * BITS)));
+      const int64_t c_end = std::min(c1, (g + 1) * w.group_size);
+      for (int64_t c = std::max(c0, g * w.group_size); c < c_end; c += V::kWidth) {
+        V::store(orow + (c - c0), V::template lookup<BITS>(t, V::template codes<BITS>(crow + c / 8 * BITS)));
       }
     }
   }
@@ -149,11 +153,11 @@ spallm::cpu::VectorKernels vector_kernels(const char* name) {
   spallm::cpu::VectorKernels k;
   k.name = name;
   k.width = V::kWidth;
-  k.decode = [](const CodeRows& w, int64_t r0, int64_t r1, float* out) {
-    dispatch_bits(w.bits, [&](auto b) { decode_rows<V, decltype(b)::value>(w, r0, r1, out); });
+  k.decode = [](const CodeRows& w, int64_t r0, int64_t r1, int64_t c0, int64_t c1, float* out) {
+    dispatch_bits(w.bits, [&](auto b) { decode_rows<V, decltype(b)::value>(w, r0, r1, c0, c1, out); });
   };
-  k.decode_bf16 = [](const CodeRows& w, int64_t r0, int64_t r1, uint16_t* out) {
-    dispatch_bits(w.bits, [&](auto b) { decode_rows<V, decltype(b)::value>(w, r0, r1, out); });
+  k.decode_bf16 = [](const CodeRows& w, int64_t r0, int64_t r1, int64_t c0, int64_t c1, uint16_t* out) {
+    dispatch_bits(w.bits, [&](auto b) { decode_rows<V, decltype(b)::value>(w, r0, r1, c0, c1, out); });
   };
   k.gemv = [](const CodeRows& w, const float* x, int64_t M, int64_t r0, int64_t r1, float* y) {
     dispatch_bits(w.bits, [&](auto b) { gemv_rows<V, decltype(b)::value>(w, x, M, r0, r1, y); });

@@ -101,10 +101,12 @@ def set_cpu_kernel(name: str) -> None:
     All work in fp32. Forced, it runs the AVX2 kernels on an AVX-512 CPU too.
     ``"avx512"``: the same with sixteen codes per step and every LUT in one register; the fused
     pass serves up to 64 tokens. Needs group sizes that are multiples of 16 (others take AVX2).
-    ``"bf16"``: as ``"auto"``, except that a bf16 model (x, LUT and bias bf16) from 8 (AVX2) or 16
-    (AVX-512) tokens on decodes bf16 tiles (exact: the values are the LUT's) for torch's bf16 matmul,
-    fp32 accumulation and one rounding. Forced, it runs on any AVX2 CPU, but is only fast with
-    native bf16.
+    ``"bf16"``: as ``"auto"``, except that bf16 activations (a bf16 model, or any model under CPU
+    autocast) from 8 (AVX2) or 16 (AVX-512) tokens on take bf16 tiles: W decoded to bf16 (exact
+    for a bf16 LUT, an fp32 / fp16 LUT rounded once, as on the CUDA tensor cores and under
+    autocast) for torch's bf16 matmul, fp32 accumulation and one rounding; the backward likewise
+    (lut_linear_dx over column slabs of W, lut_grad from bf16 dW tiles summed in fp32). Forced, it
+    runs on any AVX2 CPU, but is only fast with native bf16.
     ``"portable"``: scalar decode of W tiles, then BLAS. fp64 work (gradcheck), group sizes that are
     not multiples of 8 and non-x86 CPUs always take it. Results agree within fp32 rounding.
     """
@@ -131,7 +133,7 @@ def use_cpu_kernel(name: str) -> Iterator[None]:
 
 
 def last_cpu_plan() -> str:
-    """What the last CPU lut_linear / lut_linear_dx on this thread ran: "avx512_gemv",
+    """What the last CPU lut_linear / lut_linear_dx / lut_grad on this thread ran: "avx512_gemv",
     "avx512_tiles", "avx2_gemv", "avx2_tiles", "bf16_tiles" or "portable_tiles" ("none" before the
-    first call)."""
+    first call; lut_grad's fp32 work, which decodes nothing, reports "portable_tiles")."""
     return _C.last_cpu_plan()
