@@ -52,3 +52,23 @@ def test_quick_run_writes_both_paths(tmp_path):
         if r["impl"] == "spallm_portable":
             assert r["cpu_path"] == "portable_tiles"
     assert {r["bits"] for r in rows if r["impl"] == "spallm"} == {2, 3, 4}
+
+
+def test_quick_train_step_run(tmp_path):
+    out = tmp_path / "train.json"
+    script = BENCH.parent / "bench_cpu_train.py"
+    subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], check=True, capture_output=True)
+    data = json.loads(out.read_text())
+    for key in ("device", "torch", "cuda", "commit", "rows", "threads", "cpu_simd", "cpu_bf16"):
+        assert key in data, key
+    rows = data["rows"]
+    assert {(r["impl"], r["dtype"]) for r in rows} == {(i, d) for i in ("dense", "spallm")
+                                                       for d in ("fp32", "autocast_bf16")}
+    auto_bf16 = (spallm_ext.build_info()["cpu_bf16"] and torch.backends.mkldnn.is_available()
+                 and torch.backends.mkldnn.enabled)
+    for r in rows:
+        assert r["median_ms"] > 0
+        if r["impl"] == "spallm":
+            # the step's last op is lut_grad: bf16 dW tiles under autocast where auto takes them
+            bf16 = r["dtype"] == "autocast_bf16" and auto_bf16
+            assert r["cpu_path"] == ("bf16_tiles" if bf16 else "portable_tiles")
