@@ -324,7 +324,7 @@ at::Tensor lut_grad_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   // bf16 activations on the bf16 path: dW tiles from torch's bf16 GEMM (fp32 accumulation, each
   // dW element rounded once to bf16, as nn.Linear's weight gradient is under autocast), summed
   // into the buckets in fp32.
-  const bool bf16 = x.scalar_type() == at::kBFloat16 && bf16_tiles_apply(s, at::kBFloat16, as_tokens(x).size(0));
+  const bool bf16 = bf16_tiles_apply(s, x.scalar_type(), as_tokens(x).size(0));
   const at::ScalarType acc = acc_type(x.scalar_type());
   const at::ScalarType work = bf16 ? at::kBFloat16 : acc;
   const at::Tensor dya = as_tokens(dy).to(work);
