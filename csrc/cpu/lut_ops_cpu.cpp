@@ -130,6 +130,22 @@ int64_t tile_rows(const LutShape& s) {
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// f(c, code of column c) for columns c0 <= c < c1 of one packed row, in column order. Whole
+// 8-column chunks (BITS bytes each, csrc/codes.h) go with the column inside the chunk a constant,
+// so every code is a fixed shift and mask of one byte with no per-column index arithmetic; a start
+// or end off the chunk grid takes the per-column form.
+template <int BITS, typename F>
+inline void for_each_code(const uint8_t* crow, int64_t c0, int64_t c1, F&& f) {
+  int64_t c = c0;
+  if (c0 % 8 == 0) {
+    for (; c + 8 <= c1; c += 8) {
+      const uint8_t* chunk = crow + c / 8 * BITS;
+      for (int j = 0; j < 8; ++j) f(c + j, code_at<BITS>(chunk, j));
+    }
+  }
+  for (; c < c1; ++c) f(c, code_at<BITS>(crow, c));
+}
+
 // out[r - r0, c] = lut[r, c / group_size, code[r, c]] for rows r0 .. r0 + rows.
 template <int BITS, typename lut_t, typename out_t>
 void decode_rows(const LutShape& s, const uint8_t* codes, const lut_t* lut, int64_t r0, int64_t rows,
@@ -141,18 +157,8 @@ void decode_rows(const LutShape& s, const uint8_t* codes, const lut_t* lut, int6
       out_t* orow = out + i * s.K;
       for (int64_t g = 0; g < s.G; ++g) {
         const lut_t* table = lrow + g * s.E;
-        const int64_t c0 = g * s.group_size, c1 = c0 + s.group_size;
-        int64_t c = c0;
-        if (s.group_size % 8 == 0) {
-          // Whole 8-column chunks (BITS bytes each, csrc/codes.h): with the column inside the
-          // chunk a constant, every code is a fixed shift and mask of one byte, no per-column
-          // index arithmetic.
-          for (; c < c1; c += 8) {
-            const uint8_t* chunk = crow + c / 8 * BITS;
-            for (int j = 0; j < 8; ++j) orow[c + j] = static_cast<out_t>(table[code_at<BITS>(chunk, j)]);
-          }
-        }
-        for (; c < c1; ++c) orow[c] = static_cast<out_t>(table[code_at<BITS>(crow, c)]);
+        for_each_code<BITS>(crow, g * s.group_size, (g + 1) * s.group_size,
+                            [&](int64_t c, int code) { orow[c] = static_cast<out_t>(table[code]); });
       }
     }
   });
@@ -302,8 +308,8 @@ void reduce_into_buckets(const LutShape& s, const uint8_t* codes, const dw_t* dw
       acc_t* lrow = dlut + (r0 + i) * s.G * s.E;
       for (int64_t g = 0; g < s.G; ++g) {
         acc_t* bucket = lrow + g * s.E;
-        const int64_t c0 = g * s.group_size;
-        for (int64_t c = c0; c < c0 + s.group_size; ++c) bucket[code_at<BITS>(crow, c)] += static_cast<acc_t>(drow[c]);
+        for_each_code<BITS>(crow, g * s.group_size, (g + 1) * s.group_size,
+                            [&](int64_t c, int code) { bucket[code] += static_cast<acc_t>(drow[c]); });
       }
     }
   });
