@@ -9,6 +9,9 @@
 // Two 16-bit values share a register, the lower column in the low half. ldmatrix hands every lane
 // exactly these pairs when it is pointed at row-major 8 x 8 tiles, so tiles are stored row-major
 // with 16 contiguous bytes per (row, 8 columns) and no register shuffles are needed.
+//
+// Built for tests/simt (SPALLM_SIMT_EMULATOR: the kernels run on the CPU), each instruction below
+// becomes the emulator's model of it instead of inline PTX.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -29,6 +32,9 @@ template <int BYTES>
 __device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
   static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
   const int src_bytes = valid ? BYTES : 0;
+#if defined(SPALLM_SIMT_EMULATOR)
+  simt::cp_async(dst, src, BYTES, src_bytes);
+#else
   if constexpr (BYTES == 16) {
     // .cg: bypass L1, these tiles are read once per block.
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
@@ -37,28 +43,47 @@ __device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid)
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr(dst)), "l"(src),
                  "n"(BYTES), "r"(src_bytes));
   }
+#endif
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(SPALLM_SIMT_EMULATOR)
+  simt::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
 
 // Wait until at most N of this thread's committed groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#if defined(SPALLM_SIMT_EMULATOR)
+  simt::cp_async_wait(N);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+#if defined(SPALLM_SIMT_EMULATOR)
+  simt::ldmatrix_x4(r, p, false);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
+#endif
 }
 
 // Transposing variant: the 8 x 8 tiles are stored column-major (rows of memory are the fragment's
 // columns), as when the operand's contraction index is the slow one in memory.
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+#if defined(SPALLM_SIMT_EMULATOR)
+  simt::ldmatrix_x4(r, p, true);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
+#endif
 }
 
 // d += a * b on the tensor cores, fp32 accumulate; T is the 16-bit input type.
@@ -68,20 +93,28 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
                                                          const uint32_t (&b)[2]) {
+#if defined(SPALLM_SIMT_EMULATOR)
+  simt::mma_16816(d, a, b, false);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
       "{%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(SPALLM_SIMT_EMULATOR)
+  simt::mma_16816(d, a, b, true);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
       "{%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // A shared-memory tile of 16-bit values, UNITS x 16 bytes per row (8 values per unit), with unit u
