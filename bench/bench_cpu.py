@@ -7,9 +7,11 @@ with groups_per_row 1 and 4, 3- and 2-bit with 4, as fp32 models (x and LUT fp32
 as bf16 models (x and LUT bf16, what model.to(torch.bfloat16) gives). Rows:
 
 * ``spallm``: the automatic CPU path (``cpu_path`` says which ran: "avx512_gemv" / "avx2_gemv"
-  decode W in registers straight into FMAs up to 64 / 16 tokens, "bf16_tiles" decodes bf16 tiles of
-  W for torch's bf16 matmul (bf16 models from 16 / 8 tokens on, where the CPU multiplies bf16
-  natively), "avx512_tiles" / "avx2_tiles" / "portable_tiles" decode fp32 tiles of W for BLAS),
+  decode W in registers straight into FMAs up to 64 / 16 tokens, "avx512bf16_gemv" does the same on
+  bf16 dot products for bf16 models up to 20 tokens (AVX512-BF16), "bf16_tiles" decodes bf16 tiles
+  of W for torch's bf16 matmul (bf16 models from 21 / 16 / 8 tokens on, where the CPU multiplies
+  bf16 natively), "avx512_tiles" / "avx2_tiles" / "portable_tiles" decode fp32 tiles of W for BLAS),
+* ``spallm_bf16`` (bf16 models): the bf16 tiles forced, with the fp32 pass below their threshold,
 * ``spallm_avx512``, ``spallm_avx2``, ``spallm_portable``: that path forced (fp32 work: the vector
   kernels of one instruction set, or the scalar decode + BLAS), wherever the CPU has it and it is
   not what auto ran anyway,
@@ -51,7 +53,11 @@ def main() -> None:
     widest = "avx512" if "avx512" in have else "avx2" if "avx2" in have else "portable"
     forced = [p for p in ("avx512", "avx2", "portable") if p in have and p != widest]
     paths = [("spallm", "auto")] + [(f"spallm_{p}", p) for p in forced]
-    bf16_extra = [(f"spallm_{widest}", widest)] if spallm_ext.build_info()["cpu_bf16"] and widest != "portable" else []
+    # bf16 models where the CPU multiplies bf16 natively: auto takes the bf16 dot-product pass at few
+    # tokens and the bf16 tiles at more; "bf16" (tiles, fp32 pass below them) and the widest fp32
+    # kernels are forced beside it.
+    native = spallm_ext.build_info()["cpu_bf16"] and widest != "portable"
+    bf16_extra = ([(f"spallm_{widest}", widest)] if native else []) + ([("spallm_bf16", "bf16")] if native else [])
     bf16_paths = paths[:1] + bf16_extra + paths[1:]
     rows = []
     print(f"{'N':>6} {'K':>5} {'M':>3} {'b':>2} {'G':>2} {'impl':<16} {'x':<5} {'median_ms':>9} {'vs fp32 mm':>10}  path")

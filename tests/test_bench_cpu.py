@@ -33,6 +33,8 @@ def test_quick_run_writes_both_paths(tmp_path):
     assert ("spallm_portable" in impls) == (widest is not None)
     assert ("spallm_avx2" in impls) == (widest == "avx512" or (widest == "avx2" and bf16))
     assert ("spallm_avx512" in impls) == (widest == "avx512" and bf16)
+    assert ("spallm_bf16" in impls) == (widest is not None and bf16)
+    dot = "avx512bf16" in have  # auto's bf16 dot-product pass for bf16 models up to 20 tokens
     for r in rows:
         for key in ("impl", "M", "N", "K", "bits", "groups_per_row", "adapters", "median_us"):
             assert key in r, (key, r)
@@ -40,7 +42,9 @@ def test_quick_run_writes_both_paths(tmp_path):
         if r["impl"] == "spallm":
             if widest is None:
                 assert r["cpu_path"] == "portable_tiles"
-            elif auto_bf16 and r["x_dtype"] == "bf16" and r["M"] >= (16 if widest == "avx512" else 8):
+            elif dot and r["x_dtype"] == "bf16" and r["M"] <= 20:
+                assert r["cpu_path"] == "avx512bf16_gemv"
+            elif auto_bf16 and r["x_dtype"] == "bf16" and r["M"] >= (21 if dot else 16 if widest == "avx512" else 8):
                 assert r["cpu_path"] == "bf16_tiles"
             else:
                 assert r["cpu_path"] == f"{widest}_gemv"
@@ -51,6 +55,8 @@ def test_quick_run_writes_both_paths(tmp_path):
                     assert r["x_dtype"] == r["lut_dtype"] == "bf16"
         if r["impl"] == "spallm_portable":
             assert r["cpu_path"] == "portable_tiles"
+        if r["impl"] == "spallm_bf16":
+            assert r["x_dtype"] == "bf16" and r["cpu_path"] in ("bf16_tiles", f"{widest}_gemv")
     assert {r["bits"] for r in rows if r["impl"] == "spallm"} == {2, 3, 4}
 
 

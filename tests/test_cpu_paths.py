@@ -16,7 +16,9 @@ from conftest import ALL_BITS, assert_close_rel, make_sketch, randn
 
 HAS_AVX2 = "avx2" in kernels.cpu_kernels()
 HAS_AVX512 = "avx512" in kernels.cpu_kernels()
-PATHS = kernels.cpu_kernels()[1:]  # "portable", and "avx2", "avx512", "bf16" where this CPU has them
+HAS_AVX512BF16 = "avx512bf16" in kernels.cpu_kernels()
+# "portable", and "avx2", "avx512", "bf16", "avx512bf16" where this CPU has them
+PATHS = kernels.cpu_kernels()[1:]
 # Whether "auto" takes the bf16 tiles: native bf16 dot products and torch's bf16 matmul on oneDNN.
 AUTO_BF16 = (bool(spallm_ext.build_info()["cpu_bf16"]) and torch.backends.mkldnn.is_available()
              and torch.backends.mkldnn.enabled)
@@ -43,11 +45,16 @@ def vector_isa(path: str, group_size: int) -> str | None:
     return "avx512" if HAS_AVX512 and path != "avx2" and group_size % 16 == 0 else "avx2"
 
 
-def expected_plan(path: str, m: int, group_size: int, acc: torch.dtype, x_dtype: torch.dtype = torch.float32) -> str:
-    """The plan of lut_linear / lut_linear_dx with m tokens whose activations (x, or dy) are x_dtype."""
+def expected_plan(path: str, m: int, group_size: int, acc: torch.dtype, x_dtype: torch.dtype = torch.float32,
+                  forward: bool = True) -> str:
+    """The plan of lut_linear (forward) / lut_linear_dx with m tokens whose activations (x, or dy)
+    are x_dtype."""
     isa = vector_isa(path, group_size)
     if isa is None or acc != torch.float32:
         return "portable_tiles"
+    bf16_dot = path == "avx512bf16" or (path == "auto" and HAS_AVX512BF16)
+    if forward and bf16_dot and x_dtype == torch.bfloat16 and 1 <= m <= 20 and group_size % 32 == 0:
+        return "avx512bf16_gemv"
     bf16_tiles = path == "bf16" or (path == "auto" and AUTO_BF16)
     if bf16_tiles and m >= (16 if isa == "avx512" else 8) and x_dtype == torch.bfloat16:
         return "bf16_tiles"
@@ -55,9 +62,10 @@ def expected_plan(path: str, m: int, group_size: int, acc: torch.dtype, x_dtype:
 
 
 def lut_as_run(lut: torch.Tensor, plan: str) -> torch.Tensor:
-    """The LUT whose W a call multiplied: the bf16 tiles round an fp32 / fp16 LUT to bf16 (as the
-    CUDA tensor-core kernels and autocast do); every other path uses its values exactly."""
-    return lut.bfloat16() if plan == "bf16_tiles" else lut
+    """The LUT whose W a call multiplied: the bf16 tiles and the bf16 dot-product pass round an fp32 /
+    fp16 LUT to bf16 (as the CUDA tensor-core kernels and autocast do); every other path uses its
+    values exactly."""
+    return lut.bfloat16() if plan in ("bf16_tiles", "avx512bf16_gemv") else lut
 
 
 def assert_one_bf16_rounding_mm(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -90,7 +98,8 @@ def test_path_names_and_errors():
     with pytest.raises(ValueError, match="kernel must be one of"):
         kernels.set_cpu_kernel(4)
     if HAS_AVX2:
-        assert kernels.cpu_kernels() == ("auto", "portable", "avx2") + (("avx512",) if HAS_AVX512 else ()) + ("bf16",)
+        assert kernels.cpu_kernels() == (("auto", "portable", "avx2") + (("avx512",) if HAS_AVX512 else ()) + ("bf16",)
+                                         + (("avx512bf16",) if HAS_AVX512BF16 else ()))
         for name in kernels.cpu_kernels():
             kernels.set_cpu_kernel(name)
             assert kernels.cpu_kernel() == name
@@ -119,12 +128,14 @@ def test_auto_is_the_best_path_this_cpu_has():
     codes8, lut8 = make_sketch(8, 64, 4, 8)
     spallm_ext.lut_linear(randn(3, 64), codes8, lut8)
     assert kernels.last_cpu_plan() == ("avx2_gemv" if HAS_AVX2 else "portable_tiles")
-    # A bf16 model: bf16 tiles from 8 (AVX2) / 16 (AVX-512) tokens on where this CPU multiplies
-    # bf16 natively.
+    # A bf16 model: where this CPU multiplies bf16 natively, the bf16 dot-product pass up to 20
+    # tokens (AVX512-BF16), then bf16 tiles (from 8 tokens beside AVX2, 16 beside AVX-512 without
+    # the dot products).
     lut16 = lut.bfloat16()
-    first = 16 if HAS_AVX512 else 8
+    first = 21 if HAS_AVX512BF16 else 16 if HAS_AVX512 else 8
+    small = "avx512bf16_gemv" if HAS_AVX512BF16 else gemv
     spallm_ext.lut_linear(randn(first - 1, 64, dtype=torch.bfloat16), codes, lut16)
-    assert kernels.last_cpu_plan() == gemv
+    assert kernels.last_cpu_plan() == small
     spallm_ext.lut_linear(randn(first, 64, dtype=torch.bfloat16), codes, lut16)
     assert kernels.last_cpu_plan() == expected_plan("auto", first, 32, torch.float32, torch.bfloat16)
     assert kernels.last_cpu_plan() == ("bf16_tiles" if AUTO_BF16 and HAS_AVX2 else gemv)
@@ -151,6 +162,33 @@ def test_lut_linear_matches_reference(path, bits, groups, k, m):
     assert_close_rel(dx, reference.lut_linear_dx(dy, codes, lut))
     # Decoding is a table lookup: both paths must give the reference's weights bit for bit.
     assert torch.equal(spallm_ext.lut_decode(codes, lut), reference.lut_decode(codes, lut))
+
+
+# The bf16 dot-product pass (AVX512-BF16): group sizes 32 (one step per group), 64 and 256, every
+# token count of its 8-token blocks and tails up to its limit and one past it, 13 rows (the
+# two-row blocks and a single-row tail), every bit width, LUT in fp32 (rounded to bf16 once) and bf16.
+BF16_DOT_SHAPES = [(4, 2, 64), (4, 1, 64), (3, 4, 256), (3, 1, 256), (2, 8, 256), (2, 1, 32)]
+
+
+@pytest.mark.parametrize("bits,groups,k", BF16_DOT_SHAPES, ids=[f"b{b}-g{g}-k{k}" for b, g, k in BF16_DOT_SHAPES])
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 9, 15, 16, 20, 21], ids=lambda m: f"m{m}")
+@pytest.mark.parametrize("lut_dtype", [torch.float32, torch.bfloat16], ids=["lut32", "lut16b"])
+def test_bf16_dot_pass(bits, groups, k, m, lut_dtype):
+    n = 13
+    codes, lut = make_sketch(n, k, bits, groups, lut_dtype=lut_dtype, seed=bits * 100 + k + m)
+    x, bias = randn(m, k, dtype=torch.bfloat16, seed=m), randn(n, dtype=torch.bfloat16, seed=m + 1)
+    path = "avx512bf16" if HAS_AVX512BF16 else PATHS[-1]
+    kernels.set_cpu_kernel(path)
+    y = spallm_ext.lut_linear(x, codes, lut, bias)
+    plan = expected_plan(path, m, k // groups, torch.float32, torch.bfloat16)
+    assert kernels.last_cpu_plan() == plan
+    assert plan == "avx512bf16_gemv" or not HAS_AVX512BF16 or m > 20
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert_one_bf16_rounding(y, x, codes, lut_as_run(lut, plan), bias)
+    # the same sums as the fp32 pass on the rounded LUT, up to fp32 summation order
+    with kernels.use_cpu_kernel("portable"):
+        y32 = spallm_ext.lut_linear(x.float(), codes, lut_as_run(lut, plan).float(), bias.float())
+    assert_close_rel(y.float(), y32.bfloat16().float(), torch.bfloat16)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -277,10 +315,11 @@ def test_several_row_tiles(path, dtype, lut_dtype):
     if dtype == torch.bfloat16:
         assert_one_bf16_rounding(y, x, codes, lut_as_run(lut, plan), bias)
     dx = spallm_ext.lut_linear_dx(dy, codes, lut)
-    assert kernels.last_cpu_plan() == (plan if plan == "bf16_tiles" else plan.replace("_gemv", "_tiles"))
+    dx_plan = expected_plan(path, 20, 1024, torch.float32, dtype, forward=False)
+    assert kernels.last_cpu_plan() == (dx_plan if dx_plan == "bf16_tiles" else dx_plan.replace("_gemv", "_tiles"))
     assert_close_rel(dx, reference.lut_linear_dx(dy, codes, lut))
     if dtype == torch.bfloat16:
-        assert_one_bf16_rounding_mm(dx, dy, reference.lut_decode(codes, lut_as_run(lut, plan)))
+        assert_one_bf16_rounding_mm(dx, dy, reference.lut_decode(codes, lut_as_run(lut, dx_plan)))
     # lut_grad: two row tiles of dW (256 + 44 rows), each reduced into its own rows' buckets.
     dlut = spallm_ext.lut_grad(dy, x, codes, 4, 16)
     assert_close_rel(dlut, reference.lut_grad(dy.float(), x.float(), codes, 4, 16), dtype)

@@ -97,6 +97,13 @@ struct Avx2 {
     }
   }
 
+  // The fused pass (lut_vec.h GemvBlock): fp32 tokens, one step's weights straight from a lookup.
+  using XElem = float;
+  using WReg = __m256;
+  template <int BITS>
+  static SPALLM_VEC_FN __m256 weights(const Pair& t, const uint8_t* chunk) { return lookup<BITS>(t, codes<BITS>(chunk)); }
+  static SPALLM_VEC_FN __m256 load_x(const float* p) { return _mm256_loadu_ps(p); }
+
   static SPALLM_VEC_FN __m256 zero() { return _mm256_setzero_ps(); }
   static SPALLM_VEC_FN __m256 load(const float* p) { return _mm256_loadu_ps(p); }
   static SPALLM_VEC_FN __m256 fmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }

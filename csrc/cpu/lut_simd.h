@@ -52,6 +52,9 @@ struct VectorKernels {
   // [M, K] contiguous), W decoded in registers and never stored. Each (token, row) sums in the
   // lanes in column order, then across the lanes: a fixed order, so results repeat bit for bit.
   void (*gemv)(const CodeRows& w, const float* x, int64_t M, int64_t r0, int64_t r1, float* y) = nullptr;
+  // The same pass for bf16 tokens (x as bf16 bit patterns) on bf16 dot products: W must come from
+  // a bf16-valued LUT (as decode_bf16's); products are exact, sums fp32. Only avx512bf16_kernels().
+  void (*gemv_bf16)(const CodeRows& w, const uint16_t* x, int64_t M, int64_t r0, int64_t r1, float* y) = nullptr;
 
   bool supports(int64_t group_size) const { return group_size % width == 0; }
 };
@@ -60,5 +63,8 @@ struct VectorKernels {
 // and AVX-512F (whose check also confirms that the OS saves the zmm registers).
 const VectorKernels* avx2_kernels();
 const VectorKernels* avx512_kernels();
+// The fused pass for bf16 models on AVX512-BF16 (vdpbf16ps: 32 weights x tokens per instruction,
+// twice the fp32 FMA's 16): only `gemv_bf16` is set, width 32.
+const VectorKernels* avx512bf16_kernels();
 
 }  // namespace spallm::cpu

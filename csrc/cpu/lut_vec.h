@@ -10,8 +10,12 @@
 //   V::codes<BITS>(const uint8_t*) the kWidth codes whose bytes start at the pointer, one per lane
 //   V::lookup<BITS>(table, codes)  their weights (a permute: no arithmetic on unselected entries)
 //   V::Reg, zero, load, fmadd, add, hsum, and store to fp32 or (high halves) bf16
-//   V::kBlock, V::kRows            tokens that share one decode, rows that share one x load,
-//                                  in the fused pass
+// and for the fused pass (GemvBlock)
+//   V::XElem, V::load_x            the tokens' element type (float, or uint16_t for bf16) and
+//                                  kWidth of them into a register
+//   V::WReg, V::weights<BITS>      one step's kWidth weights of a row, from its table and codes
+//   V::fmadd(w, x, acc)            acc plus the products (fp32 lanes; a bf16 V sums pairs)
+//   V::kBlock, V::kRows            tokens that share one decode, rows that share one x load
 // Being included inside a namespace, it includes nothing itself: lut_simd.h, included first by
 // both files, brings <algorithm>, <cstdint>, <cstring> and <type_traits>.
 #pragma once
@@ -67,18 +71,20 @@ struct GemvBlock {
   typename V::template Table<BITS> table[R];
   const uint8_t* crow[R];
 
+  using X = typename V::XElem;
+
   // One step of kWidth columns from column c into accumulator u: the R rows' weights, then every
   // token's x once for all R rows.
-  SPALLM_VEC_FN inline void step(const float* x, int64_t K, int64_t c, int u) {
-    typename V::Reg wv[R];
-    for (int i = 0; i < R; ++i) wv[i] = V::template lookup<BITS>(table[i], V::template codes<BITS>(crow[i] + c / 8 * BITS));
+  SPALLM_VEC_FN inline void step(const X* x, int64_t K, int64_t c, int u) {
+    typename V::WReg wv[R];
+    for (int i = 0; i < R; ++i) wv[i] = V::template weights<BITS>(table[i], crow[i] + c / 8 * BITS);
     for (int t = 0; t < TB; ++t) {
-      const typename V::Reg xv = V::load(x + t * K + c);
+      const auto xv = V::load_x(x + t * K + c);
       for (int i = 0; i < R; ++i) acc[i][t][u] = V::fmadd(wv[i], xv, acc[i][t][u]);
     }
   }
 
-  SPALLM_VEC_FN inline void run(const spallm::cpu::CodeRows& w, const float* x, int64_t r, float* y_col) {
+  SPALLM_VEC_FN inline void run(const spallm::cpu::CodeRows& w, const X* x, int64_t r, float* y_col) {
     for (int i = 0; i < R; ++i) {
       crow[i] = w.codes + (r + i) * w.row_bytes;
       for (int t = 0; t < TB; ++t) {
@@ -107,7 +113,7 @@ struct GemvBlock {
 // `tokens` (1 .. V::kBlock) tokens against R rows, dispatched to the block of that width. Fewer
 // tokens get more accumulators each, to keep about four FMA chains in flight.
 template <class V, int BITS, int R, int TB = V::kBlock>
-SPALLM_VEC_FN void gemv_tokens(const spallm::cpu::CodeRows& w, const float* x, int64_t tokens, int64_t r,
+SPALLM_VEC_FN void gemv_tokens(const spallm::cpu::CodeRows& w, const typename V::XElem* x, int64_t tokens, int64_t r,
                                float* y_col) {
   if constexpr (TB > 0) {
     if (tokens == TB) {
@@ -122,8 +128,8 @@ SPALLM_VEC_FN void gemv_tokens(const spallm::cpu::CodeRows& w, const float* x, i
 // at a time (the rest one by one), each against the tokens in blocks of V::kBlock, so the rows'
 // codes stay in L1 while every token block passes over them.
 template <class V, int BITS>
-SPALLM_VEC_FN void gemv_rows(const spallm::cpu::CodeRows& w, const float* x, int64_t M, int64_t r0, int64_t r1,
-                             float* y) {
+SPALLM_VEC_FN void gemv_rows(const spallm::cpu::CodeRows& w, const typename V::XElem* x, int64_t M, int64_t r0,
+                             int64_t r1, float* y) {
   int64_t r = r0;
   for (; r + V::kRows <= r1; r += V::kRows) {
     for (int64_t m = 0; m < M; m += V::kBlock) {
@@ -146,7 +152,7 @@ void dispatch_bits(int bits, F&& f) {
   }
 }
 
-// The table of entry points lut_simd.h hands out for V.
+// The table of entry points lut_simd.h hands out for an fp32 V.
 template <class V>
 spallm::cpu::VectorKernels vector_kernels(const char* name) {
   using spallm::cpu::CodeRows;

@@ -80,13 +80,13 @@ def use_lowrank_t(mode: str) -> Iterator[None]:
         set_lowrank_t(previous)
 
 
-CPU_PATHS = ("auto", "portable", "avx2", "avx512", "bf16")
+CPU_PATHS = ("auto", "portable", "avx2", "avx512", "bf16", "avx512bf16")
 
 
 def cpu_kernels() -> tuple[str, ...]:
     """The CPU paths this machine can run: always "auto" and "portable"; "avx2" and "bf16" where the
-    CPU has AVX2 and FMA, "avx512" where it has AVX-512F (detected at run time; the build itself
-    runs on any x86-64 or other CPU)."""
+    CPU has AVX2 and FMA, "avx512" where it has AVX-512F, "avx512bf16" where it also has AVX512-BF16
+    (detected at run time; the build itself runs on any x86-64 or other CPU)."""
     return tuple(_C.cpu_kernels())
 
 
@@ -94,8 +94,9 @@ def set_cpu_kernel(name: str) -> None:
     """Force the CPU path for every following call in this process.
 
     ``"auto"`` (default): the widest vector kernels the CPU has (``"avx512"``, else ``"avx2"``),
-    else ``"portable"``; and bf16 tiles (as ``"bf16"``) where the CPU also multiplies bf16 natively
-    (AVX512-BF16) and torch's bf16 matmul runs on oneDNN.
+    else ``"portable"``; and where the CPU also multiplies bf16 natively (AVX512-BF16), a bf16
+    model's forward takes the bf16 dot-product pass (as ``"avx512bf16"``) at few tokens and the
+    bf16 tiles (as ``"bf16"``, if torch's bf16 matmul runs on oneDNN) at more.
     ``"avx2"``: eight codes decoded per vector instruction sequence; up to 16 tokens W is decoded in
     registers straight into FMAs (no decoded tile, no BLAS call), more tokens decode tiles for BLAS.
     All work in fp32. Forced, it runs the AVX2 kernels on an AVX-512 CPU too.
@@ -107,6 +108,10 @@ def set_cpu_kernel(name: str) -> None:
     autocast) for torch's bf16 matmul, fp32 accumulation and one rounding; the backward likewise
     (lut_linear_dx over column slabs of W, lut_grad from bf16 dW tiles summed in fp32). Forced, it
     runs on any AVX2 CPU, but is only fast with native bf16.
+    ``"avx512bf16"``: as ``"avx512"``, except that a bf16 model's forward (bf16 x) at up to 32
+    tokens runs the fused pass on bf16 dot products (vdpbf16ps: 32 weights per instruction and
+    token, the tokens read as bf16): W rounded to bf16 once, fp32 sums, one rounding of y. Needs
+    group sizes that are multiples of 32.
     ``"portable"``: scalar decode of W tiles, then BLAS. fp64 work (gradcheck), group sizes that are
     not multiples of 8 and non-x86 CPUs always take it. Results agree within fp32 rounding.
     """
