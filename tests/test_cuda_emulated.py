@@ -395,3 +395,44 @@ def test_dispatch_backward_plans_run(device, m):
     dlut = simt.as_tensor(grad_out["dlut"], torch.float32, (n, groups, 1 << bits)).double()
     ref = reference.lut_grad(dy.double(), x.double(), codes, groups, 1 << bits).double()
     assert (dlut - ref).abs().max().item() <= 1e-5 * ref.abs().max().item() * m ** 0.5
+
+
+# Shared-memory bank conflicts of the marked accesses (mma.cuh smem_load / smem_store, every
+# ldmatrix and every cp.async store): the tiles' arrival, the decode's lookups, its W-tile stores, code-word reads, ldmatrix on the swizzled
+# tiles and lut_grad's dW reads are designed conflict-free, whatever the codes. Two known
+# exceptions are pinned: the 3-bit register decode reads each lane's 6 code bytes as two words at
+# 24-byte row strides, and translates of the words {0, 1, 3, 4} cannot tile the 32 banks, so every
+# such read takes two wavefronts; and the tile / dx kernels' code tiles, padded to an odd word
+# stride so that the decode's row-per-lane reads are conflict-free, arrive by 4-byte cp.async
+# written row after row, which wraps onto used banks: two wavefronts per request where one would do
+# (csrc/cuda/README.md).
+@pytest.mark.parametrize("bits", (2, 3, 4))
+@pytest.mark.parametrize("kernel", ["regs16", "regs32", "tile16", "tile64", "tile128", "dx32", "dx128", "grad"])
+def test_shared_memory_accesses_are_conflict_free(bits, kernel):
+    codes, lut = make_sketch(256, 256, bits, 2, mode="random", seed=bits)
+    x = randn(20, 256, dtype=torch.bfloat16, seed=1)
+    dy = randn(20, 256, dtype=torch.bfloat16, seed=2)
+    p = dict(_problem(codes, 20, 256, 256, 2, bits), act=_code(torch.bfloat16), lut_type=0)
+    if kernel.startswith(("regs", "tile")):
+        block_m = int(kernel.lstrip("regstil"))
+        case = ("linear_mma", dict(p, block_m=block_m, splits=1, regs=int(kernel.startswith("regs"))),
+                dict(x=x, codes=codes, lut=lut))
+    elif kernel.startswith("dx"):
+        case = ("dx_mma", dict(p, block_m=int(kernel[2:]), splits=1), dict(dy=dy, codes=codes, lut=lut))
+    else:
+        case = ("grad_mma", dict(p, deterministic=1), dict(dy=dy, x=x, codes=codes))
+    (out,) = simt.run_cases([case])
+    assert out["status"] == 0 and out["smem.divergent"] == 0
+    sites = {k.split(".")[1] for k in out if k.startswith("smem.") and k.count(".") == 2}
+    expected = {"regs": {"lane_codes", "lut_lookup", "x_regs"}, "tile": {"code_words", "lut_lookup", "w_store", "ldmatrix"},
+                "dx": {"code_words", "lut_lookup", "w_store", "ldmatrix"}, "grad": {"grad_dw", "ldmatrix"}}
+    # every tile arrives by cp.async: x / dy tiles in 16-byte units, the register decode's code rows
+    # in 16- or 8-byte pieces, the tile and dx kernels' padded code tiles in 4-byte words
+    copies = {"regs": {"cp_async_16"} if bits != 3 else {"cp_async_16", "cp_async_8"},
+              "tile": {"cp_async_16", "cp_async_4"}, "dx": {"cp_async_16", "cp_async_4"}, "grad": {"cp_async_16"}}
+    expected = {k: v | copies[k] for k, v in expected.items()}
+    assert sites == expected[kernel.rstrip("0123456789")]
+    for site in sites:
+        wavefronts, ideal = out[f"smem.{site}.wavefronts"], out[f"smem.{site}.ideal"]
+        factor = 2 if (site, bits) == ("lane_codes", 3) or site == "cp_async_4" else 1
+        assert wavefronts == factor * ideal, f"{site}: {wavefronts} wavefronts, conflict-free needs {ideal}"

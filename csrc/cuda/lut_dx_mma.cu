@@ -119,7 +119,7 @@ lut_dx_mma_kernel(LutProblem p, const A* __restrict__ dy, const uint8_t* __restr
     const uint32_t* cw = code_tile(stage) + row * S::kCodeStride + quarter * BITS;
     uint32_t words[BITS];
 #pragma unroll
-    for (int i = 0; i < BITS; ++i) words[i] = cw[i];
+    for (int i = 0; i < BITS; ++i) words[i] = smem_load(cw + i, "code_words");
     uint32_t packed[16];
     // Row (bits 2..7), then the scaled code (bits 8..), then the half and buffer offsets.
     static_assert(S::kEntries * kBlockR * 4 == (kBlockR * 4) << BITS, "halves start above the code bits");

@@ -159,7 +159,9 @@ lut_grad_mma_kernel(LutProblem p, const A* __restrict__ dy, const A* __restrict_
     for (int i = 0; i < BITS; ++i) words[i] = cw[i];
     const float* dwr = dw + row * kDwStride + half * 32;
 #pragma unroll
-    for (int c = 0; c < 32; ++c) bucket[code_from<BITS>(RegisterBytes{words}, c) * kThreads + tid] += dwr[c];
+    for (int c = 0; c < 32; ++c) {
+      bucket[code_from<BITS>(RegisterBytes{words}, c) * kThreads + tid] += smem_load(dwr + c, "grad_dw");
+    }
   }
   __syncthreads();
   if (half == 0 && n < p.N) {

@@ -422,7 +422,7 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
     const uint32_t* cw = code_tile(stage) + row * S::kCodeStride + half * BITS;
     uint32_t words[BITS];
 #pragma unroll
-    for (int i = 0; i < BITS; ++i) words[i] = cw[i];
+    for (int i = 0; i < BITS; ++i) words[i] = smem_load(cw + i, "code_words");
     uint32_t packed[16];
     // Row (bits 2..8) and buffer (bit BITS + 9) offsets sit around the scaled code (bits 9..).
     static_assert(S::kTableFloats * 4 == (kBlockN * 4) << BITS, "table buffers start above the code bits");
@@ -486,15 +486,15 @@ struct RegsSmem {
 template <int BITS>
 __device__ __forceinline__ void lane_codes(const uint8_t* row, int t, uint32_t (&w)[2]) {
   if constexpr (BITS == 4) {
-    const uint2 v = *reinterpret_cast<const uint2*>(row + 8 * t);
+    const uint2 v = smem_load(reinterpret_cast<const uint2*>(row + 8 * t), "lane_codes");
     w[0] = v.x;
     w[1] = v.y;
   } else if constexpr (BITS == 2) {
-    w[0] = *reinterpret_cast<const uint32_t*>(row + 4 * t);
+    w[0] = smem_load(reinterpret_cast<const uint32_t*>(row + 4 * t), "lane_codes");
     w[1] = 0;
   } else {
     const uint32_t* r = reinterpret_cast<const uint32_t*>(row) + (3 * t) / 2;
-    const uint32_t lo = r[0], hi = r[1];
+    const uint32_t lo = smem_load(r, "lane_codes"), hi = smem_load(r + 1, "lane_codes");
     const int shift = (t & 1) * 16;
     w[0] = __funnelshift_r(lo, hi, shift);
     w[1] = hi >> shift;
@@ -558,6 +558,7 @@ lut_mma_regs_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __rest
   };
 
   float acc[1][TM][4] = {};
+  const int64_t tokens = b.m_end - b.m0;  // valid tokens of this tile (more than BM: all BM are)
   auto decode_mma = [&](int stage) {
     const uint8_t* rows = code_tile(stage) + (warp * 16 + g) * S::kCodeRowBytes;
     uint32_t w0[2], w1[2];
@@ -571,9 +572,15 @@ lut_mma_regs_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __rest
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       // Token g of each n8 tile, columns 16t + 8h .. +7: the B fragments of mmas 2h and 2h + 1.
+      // Lanes whose token is past the tile's last take zeros without a shared-memory read (the tile
+      // holds zeros there too): at M = 1 a warp reads 64 bytes of x per load instead of 512, and x
+      // would otherwise be a third of the decode's shared-memory traffic (bench/smem_traffic.py).
       uint4 xv[TM];
 #pragma unroll
-      for (int j = 0; j < TM; ++j) xv[j] = *reinterpret_cast<const uint4*>(xt.at(j * 8 + g, 16 * t + 8 * h));
+      for (int j = 0; j < TM; ++j) {
+        xv[j] = smem_load_if(j * 8 + g < tokens, reinterpret_cast<const uint4*>(xt.at(j * 8 + g, 16 * t + 8 * h)),
+                             "x_regs");
+      }
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
         const int i = 8 * h + 4 * q;  // the lane's columns i..i+3 (of its 16) in this mma

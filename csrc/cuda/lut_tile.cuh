@@ -40,8 +40,9 @@ __host__ __device__ __forceinline__ uint32_t code_offset(const uint32_t (&w)[WOR
 // offset, a lookup is then one shift, one LOP3 (mask and OR) and the load.
 template <int BITS, int SHIFT, int WORDS>
 __device__ __forceinline__ float lookup(const float* base, uint32_t lane_bytes, const uint32_t (&w)[WORDS], int i) {
-  return *reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(base) +
-                                         (code_offset<BITS, SHIFT>(w, i) | lane_bytes));
+  return smem_load(reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(base) +
+                                                (code_offset<BITS, SHIFT>(w, i) | lane_bytes)),
+                   "lut_lookup");
 }
 
 // 32 consecutive codes of one row, held as BITS 32-bit words (the packed row's bytes from the
@@ -70,8 +71,8 @@ __device__ __forceinline__ void store_units(const SwizzledTile<UNITS>& tile, int
   static_assert(WORDS % 4 == 0, "whole 16-byte units");
 #pragma unroll
   for (int u = 0; u < WORDS / 4; ++u) {
-    *reinterpret_cast<uint4*>(tile.unit(row, u0 + u)) =
-        make_uint4(packed[4 * u], packed[4 * u + 1], packed[4 * u + 2], packed[4 * u + 3]);
+    smem_store(reinterpret_cast<uint4*>(tile.unit(row, u0 + u)),
+               make_uint4(packed[4 * u], packed[4 * u + 1], packed[4 * u + 2], packed[4 * u + 3]), "w_store");
   }
 }
 

@@ -117,6 +117,37 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
 #endif
 }
 
+// A shared-memory load / store that the SIMT emulator accounts for: tests/simt counts, per warp
+// access, the bank wavefronts it needs against the conflict-free minimum, so the decode's claims of
+// conflict-free lookups and stores are checked without a GPU. On the GPU: the plain access.
+template <typename T>
+__device__ __forceinline__ T smem_load(const T* p, const char* site) {
+#if defined(SPALLM_SIMT_EMULATOR)
+  simt::smem_access(site, p, sizeof(T));
+#endif
+  (void)site;
+  return *p;
+}
+
+// smem_load for a load only some lanes make: the others take T{} and cost no bank access.
+template <typename T>
+__device__ __forceinline__ T smem_load_if(bool pred, const T* p, const char* site) {
+#if defined(SPALLM_SIMT_EMULATOR)
+  simt::smem_access(site, p, pred ? static_cast<int>(sizeof(T)) : 0);
+#endif
+  (void)site;
+  return pred ? *p : T{};
+}
+
+template <typename T>
+__device__ __forceinline__ void smem_store(T* p, const T& v, const char* site) {
+#if defined(SPALLM_SIMT_EMULATOR)
+  simt::smem_access(site, p, sizeof(T));
+#endif
+  (void)site;
+  *p = v;
+}
+
 // A shared-memory tile of 16-bit values, UNITS x 16 bytes per row (8 values per unit), with unit u
 // of row r stored at position u ^ (r % 8). Eight consecutive rows then spread one unit index over
 // all 32 banks, so per-row 16-byte stores (one row per lane) and ldmatrix's 8-row reads (plain or

@@ -139,7 +139,12 @@ Case read_case(const char* path) {
 
 void write_out(const std::string& path, const std::map<std::string, Buffer>& outs, int status) {
   FILE* f = std::fopen(path.c_str(), "wb");
-  std::fprintf(f, "simt-case\ni status %d\ni launches %lld\n", status, simt::launches);
+  std::fprintf(f, "simt-case\ni status %d\ni launches %lld\ni smem.divergent %lld\n", status, simt::launches,
+               simt::smem_divergent);
+  for (const auto& [site, st] : simt::smem_stats) {
+    std::fprintf(f, "i smem.%s.requests %lld\ni smem.%s.wavefronts %lld\ni smem.%s.ideal %lld\n", site.c_str(),
+                 st.requests, site.c_str(), st.wavefronts, site.c_str(), st.ideal);
+  }
   for (const auto& [name, b] : outs) {
     std::fprintf(f, "t %s %zu\n", name.c_str(), b.bytes);
     std::fwrite(b.data, 1, b.bytes, f);
@@ -381,6 +386,8 @@ int main(int argc, char** argv) {
     simt::options.warp_serial = c.get("warp_serial", 0) != 0;
     simt::options.seed = static_cast<unsigned>(c.get("seed", 1));
     simt::launches = 0;
+    simt::smem_stats.clear();
+    simt::smem_divergent = 0;
     std::map<std::string, Buffer> outs;
     const int status = run(c, outs);
     write_out(std::string(argv[i]) + ".out", outs, status);

@@ -131,7 +131,16 @@ extern "C" void simt_switch(void** save_sp, void* load_sp);
 #define SIMT_FAST_SWITCH 0
 #endif
 
+// One shared-memory access of a thread that the kernel marked (mma.cuh smem_load / smem_store),
+// as an offset into the block's dynamic shared memory.
+struct Access {
+  const char* site;
+  uint32_t offset;
+  int bytes;
+};
+
 struct Thread {
+  std::vector<Access> log;  // marked accesses since the warp's last synchronization point
   ucontext_t ctx;
   void* sp = nullptr;  // saved stack pointer of a suspended fiber (fast switch)
   Wait wait = Wait::Running;
@@ -242,6 +251,70 @@ inline bool in_smem(const void* p, size_t bytes) {
   return b.smem != nullptr && q >= b.smem && q + bytes <= b.smem + b.smem_bytes;
 }
 
+// ---- shared-memory bank accounting ----------------------------------------------------------------
+//
+// Shared memory has 32 banks of 4-byte words; a warp-wide access needs as many wavefronts as the
+// largest number of distinct words any one bank must deliver (lanes reading the same word share
+// it), and at least one per 128 bytes of distinct data. The k-th marked access of each lane of a
+// warp between two synchronization points is taken as one instruction (the kernels mark only
+// accesses made by all 32 lanes in uniform control flow); `ideal` is the conflict-free minimum.
+
+struct SmemStats {
+  long long requests = 0, wavefronts = 0, ideal = 0;
+};
+inline std::map<std::string, SmemStats> smem_stats;
+inline long long smem_divergent = 0;  // warp epochs whose lanes marked different access sequences
+
+inline void smem_access(const char* site, const void* p, int bytes) {
+  if (bytes == 0) {  // a lane that does not take part in this access (smem_load_if)
+    self().log.push_back({site, 0, 0});
+    return;
+  }
+  if (!in_smem(p, bytes)) return;  // static __shared__ arrays are not modelled
+  self().log.push_back({site, static_cast<uint32_t>(static_cast<const uint8_t*>(p) - current_block->smem), bytes});
+}
+
+inline void account(const char* site, const uint32_t* offsets, const int* bytes, int lanes) {
+  std::vector<uint32_t> words;
+  for (int l = 0; l < lanes; ++l) {
+    if (bytes[l] == 0) continue;
+    for (uint32_t w = offsets[l] / 4; w <= (offsets[l] + bytes[l] - 1) / 4; ++w) words.push_back(w);
+  }
+  SmemStats& st = smem_stats[site];
+  st.requests += 1;
+  if (words.empty()) return;  // no lane took part: no bank access
+  std::sort(words.begin(), words.end());
+  words.erase(std::unique(words.begin(), words.end()), words.end());
+  int per_bank[32] = {};
+  int worst = 0;
+  for (uint32_t w : words) worst = std::max(worst, ++per_bank[w % 32]);
+  st.wavefronts += worst;
+  st.ideal += (static_cast<long long>(words.size()) + 31) / 32;
+}
+
+// Accounts the marked accesses the 32 lanes of a warp made since their last synchronization point.
+inline void flush_warp_log(Thread* lanes) {
+  const size_t n = lanes[0].log.size();
+  bool same = true;
+  for (int l = 1; l < 32 && same; ++l) same = lanes[l].log.size() == n;
+  for (size_t k = 0; k < n && same; ++k) {
+    uint32_t offsets[32];
+    int bytes[32];
+    for (int l = 0; l < 32; ++l) {
+      const Access& a = lanes[l].log[k];
+      if (a.site != lanes[0].log[k].site) {
+        same = false;
+        break;
+      }
+      offsets[l] = a.offset;
+      bytes[l] = a.bytes;
+    }
+    if (same) account(lanes[0].log[k].site, offsets, bytes, 32);
+  }
+  if (!same) ++smem_divergent;
+  for (int l = 0; l < 32; ++l) lanes[l].log.clear();
+}
+
 // ---- cp.async --------------------------------------------------------------------------------
 
 inline void perform(const Copy& c) {
@@ -254,6 +327,10 @@ inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
   if (reinterpret_cast<uintptr_t>(dst) % bytes != 0) fail("cp.async destination misaligned" + where());
   if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % bytes != 0) fail("cp.async source misaligned" + where());
   if (in_smem(src, 1)) fail("cp.async source in shared memory" + where());
+  static const char* const kSite[17] = {nullptr, nullptr, nullptr, nullptr, "cp_async_4", nullptr, nullptr, nullptr,
+                                        "cp_async_8", nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                        "cp_async_16"};
+  smem_access(kSite[bytes], dst, bytes);  // one site per copy size (callers pass 4, 8 or 16)
   const Copy c{dst, src, bytes, src_bytes};
   if (!options.late_copies) {
     perform(c);
@@ -331,6 +408,13 @@ inline void run_ldmatrix(Thread* lanes) {
     if (reinterpret_cast<uintptr_t>(a->p) % 16 != 0) fail("ldmatrix row address not 16-byte aligned");
     row[l] = static_cast<const uint8_t*>(a->p);
   }
+  uint32_t offsets[32];
+  int sixteen[32];
+  for (int l = 0; l < 32; ++l) {
+    offsets[l] = static_cast<uint32_t>(row[l] - current_block->smem);
+    sixteen[l] = 16;
+  }
+  account("ldmatrix", offsets, sixteen, 32);
   // Matrix j's 8 rows come from lanes 8j..8j+7. Plain: lane l gets row l/4, columns 2(l%4), +1.
   // Transposed: lane l gets column l/4 of rows 2(l%4) and 2(l%4)+1 (the lower row in the low half).
   for (int l = 0; l < 32; ++l) {
@@ -429,6 +513,7 @@ inline bool resolve_warp(Block& b, int w) {
     fail(std::string("a warp collective (") + op_name(lanes[0].op) + ") with exited lanes in kernel " + b.kernel);
   }
   if (waiting < 32) return false;  // the others are at a barrier: a deadlock unless something else moves
+  flush_warp_log(lanes);
   const Op op = lanes[0].op;
   for (int l = 1; l < 32; ++l) {
     if (lanes[l].op != op) {
@@ -491,6 +576,7 @@ inline void run_block(Block& b, std::mt19937& rng) {
     for (int w = 0; w < warps; ++w) released |= resolve_warp(b, w);
     if (released) continue;
     if (at_barrier == live) {
+      for (int w = 0; w < warps; ++w) flush_warp_log(&b.threads[w * 32]);
       for (Thread& t : b.threads) {
         if (t.wait == Wait::Barrier) t.wait = Wait::Running;
       }
@@ -501,6 +587,7 @@ inline void run_block(Block& b, std::mt19937& rng) {
                   b.kernel, b.index.x, b.index.y, b.index.z, live, at_barrier);
     fail(s);
   }
+  for (int w = 0; w < warps; ++w) flush_warp_log(&b.threads[w * 32]);
   for (Thread& t : b.threads) {
     for (auto& g : t.groups) {
       for (const Copy& c : g) perform(c);
