@@ -70,8 +70,9 @@ def main() -> None:
         print(f"{r['file']:22s} {r['kernel']:58s} regs {r['registers']:4d}  spills {spill:4d} B")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
-                                text=True).stdout.strip()
+        sys.path.insert(0, str(ROOT / "bench"))
+        from common import git_commit  # the benchmarks' stamp: prose and earlier results are not "dirty"
+        commit = git_commit()
         args.out.write_text(json.dumps({"arch": f"sm_{args.arch}", "nvcc": version, "commit": commit, "rows": rows},
                                        indent=1) + "\n")
 
