@@ -436,3 +436,30 @@ def test_shared_memory_accesses_are_conflict_free(bits, kernel):
         wavefronts, ideal = out[f"smem.{site}.wavefronts"], out[f"smem.{site}.ideal"]
         factor = 2 if (site, bits) == ("lane_codes", 3) or site == "cp_async_4" else 1
         assert wavefronts == factor * ideal, f"{site}: {wavefronts} wavefronts, conflict-free needs {ideal}"
+
+
+@pytest.mark.parametrize("m,adapters", [(64, 4), (9, 3), (600, 2), (1100, 2)])
+def test_dispatch_multi_adapter_plans_run(m, adapters):
+    """plan_lut_linear_adapters (the variant and tile follow the average segment) and the one-launch
+    kernel it picks, for tokens already grouped by adapter as the op groups them."""
+    n, k, bits, groups = 136, 256, 4, 2
+    codes, lut = make_sketch(n, k, bits, groups, seed=m)
+    stack = torch.stack([lut + 0.5 * randn(*lut.shape, seed=a) for a in range(adapters)])
+    lengths = [m // adapters + (1 if a < m % adapters else 0) for a in range(adapters)]
+    offsets = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int64)
+    x = randn(m, k, dtype=torch.float16, seed=1)
+    ints = dict(_problem(codes, m, n, k, groups, bits), act=_code(torch.float16), lut_type=0, adapters=adapters,
+                lut_stride=lut.numel(), **DEVICES["h100"])
+    out = _run_one("linear_auto", ints, dict(x=x, codes=codes, lut=stack, offsets=offsets), SCHEDULES[m % 5])
+    path, block_m, _ = out["plan"].decode().split()
+    segment = -(-m // adapters)
+    if segment > 512:
+        assert path == "decode_gemm"  # the op then serves each adapter by itself (csrc/multi_adapter.cpp)
+        return
+    want_block = 16 if segment <= 16 else 32 if segment <= 32 else 64 if segment <= 64 else 128
+    assert path == ("mma_regs" if segment <= 32 else "mma") and int(block_m) == want_block, out["plan"]
+    y = simt.as_tensor(out["y"], torch.float16, (m, n))
+    for a in range(adapters):
+        rows = slice(int(offsets[a]), int(offsets[a + 1]))
+        ref = reference.lut_linear(x[rows].double(), codes, stack[a].to(torch.float16).double())
+        _assert_elementwise(y[rows], ref, f"adapter {a}")
