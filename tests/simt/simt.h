@@ -53,6 +53,8 @@
 #include <utility>
 #include <vector>
 
+#include "include/cuda_fp16.h"  // simt_half_to_float
+
 // ---- the CUDA types and keywords the kernels use ------------------------------------------------
 
 struct uint3 {
@@ -382,11 +384,7 @@ inline void collective(Op op, void* args) {
 }
 
 inline float half_bits_to_float(uint16_t h, bool fp16) {
-  if (fp16) {
-    _Float16 v;
-    std::memcpy(&v, &h, 2);
-    return static_cast<float>(v);
-  }
+  if (fp16) return simt_half_to_float(h);
   const uint32_t u = uint32_t(h) << 16;
   float f;
   std::memcpy(&f, &u, 4);
