@@ -27,7 +27,10 @@ FLAGS = ["-std=c++17", "-O1", "-g0", "-DSPALLM_SIMT_EMULATOR", "-fno-omit-frame-
 ENV = {"ASAN_OPTIONS": "detect_leaks=0:detect_stack_use_after_return=0:abort_on_error=0",
        "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
 
-# kernel<TArgs><<<config>>>(  ->  ::simt::Launch(config, nullptr-stream-free, "kernel")(kernel, ...
+# kernel<TArgs><<<grid, block[, smem[, stream]]>>>(args)  ->
+#   ::simt::Launch(grid, block, smem, stream, "kernel<TArgs>")(kernel<TArgs>, args)
+# (launch configurations are plain names or constants in csrc/cuda: a comma inside one would need
+# a real parser, and would fail to compile here rather than pass silently)
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>()]*>)?)<<<(.*?)>>>\(")
 _EXTERN_SMEM = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];")
 

@@ -237,6 +237,8 @@ int run_auto(const Case& c, const spallm::cuda::LutProblem& p, DType act, DType 
   const int64_t out_cols = dx ? p.K : p.N;
   Buffer y = alloc(p.M * out_cols * ab, 0xFF);
   outs[dx ? "dx" : "y"] = y;
+  // A LUT stack off the mma path goes to csrc/multi_adapter.cpp (one call per adapter): only the plan.
+  if (adapters > 1 && !sc::is_mma(plan.path)) return 0;
   if (plan.path == sc::Path::Simple) {
     return dx ? sc::lut_linear_dx(p, in, act, codes, lut, lut_type, y.data, nullptr)
               : sc::lut_linear(p, in, act, codes, lut, lut_type, c.in("bias"), y.data, nullptr);
