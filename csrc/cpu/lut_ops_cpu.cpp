@@ -70,7 +70,8 @@ thread_local std::string g_last_cpu_plan = "none";
 const cpu::VectorKernels* vector_kernels(const LutShape& s) {
   const CpuPath p = g_cpu_path.load();
   if (p == CpuPath::kPortable) return nullptr;
-  const cpu::VectorKernels* wide = p == CpuPath::kAvx2 ? nullptr : cpu::avx512_kernels();  // avx512bf16 too
+  // "avx512bf16" runs the AVX-512 kernels for everything but its bf16 dot-product pass.
+  const cpu::VectorKernels* wide = p == CpuPath::kAvx2 ? nullptr : cpu::avx512_kernels();
   if (wide != nullptr && wide->supports(s.group_size)) return wide;
   const cpu::VectorKernels* narrow = cpu::avx2_kernels();
   return narrow != nullptr && narrow->supports(s.group_size) ? narrow : nullptr;
@@ -104,6 +105,9 @@ void for_row_ranges(const LutShape& s, int64_t M, F&& f) {
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(s.K * M, 1));
   at::parallel_for(0, s.N, grain, f);
 }
+
+// "avx512bf16" needs the dot-product kernels and the AVX-512 ones it runs beside them.
+bool avx512bf16_path_available() { return cpu::avx512bf16_kernels() != nullptr && cpu::avx512_kernels() != nullptr; }
 
 // "bf16" can be forced on any AVX2 CPU (oneDNN, or ATen without it, then converts), so its results
 // are testable everywhere; "auto" takes it only where it is fast: native bf16 dot products and a
@@ -413,7 +417,7 @@ bool set_cpu_kernel(const std::string& name) {
     g_cpu_path = CpuPath::kAvx512;
   } else if (name == "bf16" && bf16_path_available()) {
     g_cpu_path = CpuPath::kBf16;
-  } else if (name == "avx512bf16" && cpu::avx512bf16_kernels() != nullptr && cpu::avx512_kernels() != nullptr) {
+  } else if (name == "avx512bf16" && avx512bf16_path_available()) {
     g_cpu_path = CpuPath::kAvx512Bf16;
   } else {
     return false;
@@ -437,7 +441,7 @@ std::vector<std::string> cpu_kernels() {
   if (cpu::avx2_kernels() != nullptr) names.push_back("avx2");
   if (cpu::avx512_kernels() != nullptr) names.push_back("avx512");
   if (bf16_path_available()) names.push_back("bf16");
-  if (cpu::avx512bf16_kernels() != nullptr && cpu::avx512_kernels() != nullptr) names.push_back("avx512bf16");
+  if (avx512bf16_path_available()) names.push_back("avx512bf16");
   return names;
 }
 

@@ -1,7 +1,8 @@
 // The CPU vector kernels of lut_simd.h written once, over an instruction set V, and compiled once
-// per instruction set: lut_avx2.cpp and lut_avx512.cpp each define SPALLM_VEC_FN (the function
-// attribute that enables their instructions), include this file inside an anonymous namespace and
-// then define their V, so every instantiation is private to its file and carries its own target.
+// per instruction set: lut_avx2.cpp, lut_avx512.cpp and lut_avx512bf16.cpp each define
+// SPALLM_VEC_FN (the function attribute that enables their instructions), include this file inside
+// an anonymous namespace and then define their V, so every instantiation is private to its file
+// and carries its own target.
 //
 // V decodes V::kWidth consecutive codes of one (row, group) per step (a multiple of 8: every
 // packing of csrc/codes.h keeps eight codes in BITS bytes) and provides
@@ -17,7 +18,7 @@
 //   V::fmadd(w, x, acc)            acc plus the products (fp32 lanes; a bf16 V sums pairs)
 //   V::kBlock, V::kRows            tokens that share one decode, rows that share one x load
 // Being included inside a namespace, it includes nothing itself: lut_simd.h, included first by
-// both files, brings <algorithm>, <cstdint>, <cstring> and <type_traits>.
+// every file that includes it, brings <algorithm>, <cstdint>, <cstring> and <type_traits>.
 #pragma once
 
 // The BITS bytes that hold the eight codes of columns 8q .. 8q + 7 (from byte BITS * q on), read
