@@ -9,6 +9,7 @@ impls (the `impl` field of each row):
   spallm_mma      the same call forced onto the fused tensor-core kernel, W tiles decoded in shared
                   memory (spallm_ext.kernels)
   spallm_mma_regs forced onto its small-M variant (M <= 32), mma fragments decoded in registers
+  spallm_mma_regs_direct  the same with the codes loaded straight into registers (no code ring)
   spallm_decode_gemm  forced onto decode-to-bf16 + cuBLAS
   spallm_simple   forced onto the exact CUDA-core kernels (only with --paths simple)
   cublas_bf16     torch.matmul with the dense bf16 weight
@@ -78,7 +79,7 @@ def main() -> None:
     ap.add_argument("--groups", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--ms", type=int, nargs="+", default=None)
     ap.add_argument("--budget-ms", type=float, default=150.0, help="time budget per measurement")
-    ap.add_argument("--paths", nargs="*", default=["mma", "mma_regs", "decode_gemm"],
+    ap.add_argument("--paths", nargs="*", default=["mma", "mma_regs", "mma_regs_direct", "decode_gemm"],
                     help="forced CUDA paths timed besides the automatic choice (4-bit rows only)")
     ap.add_argument("--adapters", type=int, nargs="*", default=[16],
                     help="multi-adapter rows: adapters per batch, at M >= adapters and M <= 256")

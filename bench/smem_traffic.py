@@ -2,7 +2,8 @@
 
     python bench/smem_traffic.py [--out bench/results/smem_traffic_emulated.json]
 
-Runs lut_linear_mma (both decodes, their token tiles) on a 256 x 1024 sketch (two 128-row tiles,
+Runs lut_linear_mma (every decode: tile, regs with its shared-memory code ring, regs with codes
+loaded straight into registers ("direct"); their token tiles) on a 256 x 1024 sketch (two 128-row tiles,
 16 K-steps, G = 4) at M = 1 and a full tile on the emulator of tests/simt, which counts for every marked
 shared-memory access of a warp (lookups, stores, code reads, ldmatrix, cp.async) the bank wavefronts
 it needs (tests/test_cuda_emulated.py checks they are the conflict-free minimum, two known cases
@@ -30,6 +31,7 @@ from common import random_sketch, write_results  # noqa: E402
 HBM_BYTES_PER_S = 3.35e12
 SMS = 132
 CLOCK_HZ = 1.755e9
+DECODES = {"tile": 0, "regs": 1, "direct": 2}  # MmaConfig as tests/simt/harness.cpp reads it
 
 
 def main() -> None:
@@ -40,11 +42,12 @@ def main() -> None:
     cases, meta = [], []
     for bits in (4, 3, 2):
         codes, lut = random_sketch(n, k, bits, groups, "cpu")
-        for decode, block_m in (("regs", 16), ("regs", 32), ("tile", 16), ("tile", 32), ("tile", 64)):
+        for decode, block_m in (("regs", 16), ("regs", 32), ("direct", 16), ("direct", 32), ("tile", 16), ("tile", 32),
+                                ("tile", 64)):
             for m in sorted({1, block_m}):
                 x = torch.randn(m, k, dtype=torch.bfloat16)
                 ints = dict(M=m, N=n, K=k, G=groups, row_bytes=codes.shape[1], bits=bits, act=2, lut_type=0,
-                            block_m=block_m, splits=1, regs=int(decode == "regs"))
+                            block_m=block_m, splits=1, regs=DECODES[decode])
                 cases.append(("linear_mma", ints, dict(x=x, codes=codes, lut=lut)))
                 meta.append((bits, decode, block_m, m))
     outs = simt.run_cases(cases)

@@ -7,8 +7,8 @@
 
 namespace spallm {
 
-// "auto" (the default), "simple", "mma", "mma_regs" or "decode_gemm"; false for an unknown name. A forced path
-// applies where it supports the problem; elsewhere the automatic choice runs.
+// "auto" (the default), "simple", "mma", "mma_regs", "mma_regs_direct" or "decode_gemm"; false for an unknown
+// name. A forced path applies where it supports the problem; elsewhere the automatic choice runs.
 bool set_cuda_kernel(const std::string& name);
 std::string cuda_kernel();
 // "<path> [block_m=.. splits=..] [t=on-chip|t=gemm] (<reason>)" of the last lut_linear /

@@ -38,7 +38,8 @@ TORCH_LIBRARY(spallm, m) {
 // CPU-only build: there is no kernel to choose (csrc/kernel_select.h).
 namespace spallm {
 bool set_cuda_kernel(const std::string& name) {
-  return name == "auto" || name == "simple" || name == "mma" || name == "decode_gemm" || name == "mma_regs";
+  return name == "auto" || name == "simple" || name == "mma" || name == "decode_gemm" || name == "mma_regs" ||
+         name == "mma_regs_direct";
 }
 std::string cuda_kernel() { return "auto"; }
 std::string last_cuda_plan() { return "none (no CUDA in this build)"; }
@@ -79,7 +80,8 @@ PYBIND11_MODULE(_C, m) {
     return d;
   });
   m.def("set_cuda_kernel", &spallm::set_cuda_kernel,
-        "Force the CUDA forward path: 'auto', 'simple', 'mma', 'mma_regs' or 'decode_gemm'; False if unknown");
+        "Force the CUDA forward path: 'auto', 'simple', 'mma', 'mma_regs', 'mma_regs_direct' or 'decode_gemm'; "
+        "False if unknown");
   m.def("cuda_kernel", &spallm::cuda_kernel, "The forced CUDA path ('auto' when none)");
   m.def("last_cuda_plan", &spallm::last_cuda_plan, "What the last CUDA lut_linear / lut_linear_dx ran");
   m.def("set_lowrank_t", &spallm::set_lowrank_t,

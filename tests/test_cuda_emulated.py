@@ -56,6 +56,11 @@ def _assert_elementwise(out: torch.Tensor, ref: torch.Tensor, what: str) -> None
     assert err <= 2.0 ** -7 * scale, f"{what}: max elementwise error {err:.3e} vs scale {scale:.3e}"
 
 
+# MmaConfig as the harness reads it: the tile decode, the register decode with its shared-memory
+# code ring, and the register decode with codes loaded straight into registers (mma_regs_direct).
+DECODES = {"tile": 0, "regs": 1, "direct": 2}
+
+
 def _forward_case(x, codes, lut, bias, *, bits, groups, block_m, splits, regs, schedule, extra_ints=None,
                   extra=None):
     m, k = x.shape
@@ -66,13 +71,20 @@ def _forward_case(x, codes, lut, bias, *, bits, groups, block_m, splits, regs, s
     return simt.as_tensor(out["y"], x.dtype, (m, n)), out
 
 
-# (decode, token tile, K splits, M, N, K, groups): both decodes at every token tile they have, K
+# (decode, token tile, K splits, M, N, K, groups): every decode at every token tile it has, K
 # split evenly and unevenly, rows past N (N not a multiple of 128), tokens past the tile, group
-# sizes of one K-step (a LUT refill every step) and of several.
+# sizes of one K-step (a LUT refill every step) and of several. The direct decode's register ring
+# is 4 K-steps deep and its loop unrolled by 4: splits of 1, 2, 3, 4, 5 and 9 steps cover a ring
+# never filled, filled exactly, and a partly used last round.
 FORWARD_CONFIGS = [
     ("regs", 16, 1, 1, 136, 256, 2),
     ("regs", 16, 2, 16, 128, 192, 3),
     ("regs", 32, 3, 20, 72, 512, 1),
+    ("direct", 16, 1, 1, 136, 256, 2),
+    ("direct", 16, 2, 16, 128, 192, 3),
+    ("direct", 32, 3, 20, 72, 512, 1),
+    ("direct", 16, 2, 3, 264, 576, 3),
+    ("direct", 32, 1, 25, 130, 576, 1),
     ("tile", 16, 1, 5, 136, 256, 4),
     ("tile", 32, 2, 32, 200, 256, 2),
     ("tile", 64, 1, 50, 136, 192, 3),
@@ -80,19 +92,21 @@ FORWARD_CONFIGS = [
     # the GPU suite's shapes: a long K with a LUT refill every step, many row tiles, many groups
     ("regs", 16, 4, 1, 200, 1024, 4),
     ("regs", 32, 1, 32, 96, 4096, 64),
+    ("direct", 16, 4, 1, 200, 1024, 4),
+    ("direct", 32, 1, 32, 96, 4096, 64),
     ("tile", 64, 2, 33, 96, 4096, 64),
     ("tile", 128, 1, 130, 256, 192, 3),
 ]
 
 
-@pytest.mark.parametrize("decode,block_m", [("regs", 16), ("tile", 32)])
+@pytest.mark.parametrize("decode,block_m", [("regs", 16), ("direct", 32), ("tile", 32)])
 @pytest.mark.parametrize("act", HALF, ids=str)
 @pytest.mark.parametrize("lut_dtype", LUT_DTYPES, ids=str)
 def test_mma_forward_every_dtype_pair(decode, block_m, act, lut_dtype):
     codes, lut = make_sketch(136, 256, 4, 2, lut_dtype=lut_dtype, seed=4)
     x = randn(7, 256, dtype=act, seed=5)
     bias = randn(136, dtype=act, seed=6)
-    y, _ = _forward_case(x, codes, lut, bias, bits=4, groups=2, block_m=block_m, splits=1, regs=decode == "regs",
+    y, _ = _forward_case(x, codes, lut, bias, bits=4, groups=2, block_m=block_m, splits=1, regs=DECODES[decode],
                          schedule=SCHEDULES[0])
     assert y.dtype == act
     ref = reference.lut_linear(x.double(), codes, lut.to(act).double(), bias.double())
@@ -111,7 +125,7 @@ def test_mma_forward_matches_reference(bits, config):
     x = randn(m, k, dtype=act, seed=i + 1)
     bias = randn(n, dtype=act, seed=i + 2) if i % 2 else None
     y, out = _forward_case(x, codes, lut, bias, bits=bits, groups=groups, block_m=block_m, splits=splits,
-                           regs=decode == "regs", schedule=SCHEDULES[i % len(SCHEDULES)])
+                           regs=DECODES[decode], schedule=SCHEDULES[i % len(SCHEDULES)])
     assert out["launches"] == (2 if splits > 1 else 1)
     # W rounded to the activation dtype, as the tensor-core paths round it
     ref = reference.lut_linear(x.double(), codes, lut.to(act).double(), None if bias is None else bias.double())
@@ -120,11 +134,11 @@ def test_mma_forward_matches_reference(bits, config):
 
 @pytest.mark.parametrize("bits", (3, 4))
 @pytest.mark.parametrize("mode", ["zeros", "equal", "alternating", "max"])
-@pytest.mark.parametrize("decode", ["regs", "tile"])
+@pytest.mark.parametrize("decode", ["regs", "direct", "tile"])
 def test_mma_forward_adversarial_codes(bits, mode, decode):
     codes, lut = make_sketch(128, 256, bits, 2, mode=mode, seed=bits)
     x = randn(9, 256, dtype=torch.bfloat16, seed=3)
-    y, _ = _forward_case(x, codes, lut, None, bits=bits, groups=2, block_m=16, splits=2, regs=decode == "regs",
+    y, _ = _forward_case(x, codes, lut, None, bits=bits, groups=2, block_m=16, splits=2, regs=DECODES[decode],
                          schedule=SCHEDULES[bits % 2])
     _assert_elementwise(y, reference.lut_linear(x.double(), codes, lut.to(torch.bfloat16).double()), mode)
 
@@ -137,6 +151,8 @@ LOWRANK_CONFIGS = [
     ("t", "tile", 64, 2, 40, 33, "contiguous", torch.float32),
     ("l1", "regs", 16, 2, 1, 33, "contiguous", torch.bfloat16),
     ("l1", "regs", 32, 3, 20, 70, "transposed", torch.float32),
+    ("t", "direct", 32, 2, 20, 16, "contiguous", torch.float32),
+    ("l1", "direct", 16, 2, 1, 33, "transposed", torch.float16),
     ("l1", "tile", 16, 2, 5, 1, "transposed", torch.float16),
     ("l1", "tile", 32, 2, 30, 64, "contiguous", torch.bfloat16),
     ("l1", "tile", 64, 3, 50, 70, "contiguous", torch.float32),
@@ -167,7 +183,7 @@ def test_mma_lowrank_matches_reference(config):
         extra["l1"] = storage
         ints.update(l1_type=_code(l1_dtype), l1_stride_k=l1.stride(0), l1_stride_r=l1.stride(1))
     y, out = _forward_case(x, codes, lut, bias, bits=bits, groups=groups, block_m=block_m, splits=splits,
-                           regs=decode == "regs", schedule=SCHEDULES[config % len(SCHEDULES)], extra_ints=ints,
+                           regs=DECODES[decode], schedule=SCHEDULES[config % len(SCHEDULES)], extra_ints=ints,
                            extra=extra)
     assert out["launches"] == (2 if splits > 1 else 1)
     # on chip, l1 is rounded to the activation dtype like W
@@ -178,7 +194,8 @@ def test_mma_lowrank_matches_reference(config):
     _assert_elementwise(y, ref, f"low-rank {t_mode}")
 
 
-@pytest.mark.parametrize("decode,block_m,splits", [("regs", 16, 1), ("regs", 32, 2), ("tile", 16, 2), ("tile", 64, 1)])
+@pytest.mark.parametrize("decode,block_m,splits", [("regs", 16, 1), ("regs", 32, 2), ("direct", 16, 2), ("direct", 32, 1),
+                                                        ("tile", 16, 2), ("tile", 64, 1)])
 def test_mma_multi_adapter_segments(decode, block_m, splits):
     n, k, bits, groups, adapters = 136, 256, 4, 2, 4
     codes, lut = make_sketch(n, k, bits, groups, seed=5)
@@ -191,7 +208,7 @@ def test_mma_multi_adapter_segments(decode, block_m, splits):
     x = randn(m, k, dtype=torch.bfloat16, seed=6)
     bias = randn(n, dtype=torch.bfloat16, seed=7)
     y, _ = _forward_case(x, codes, stack, bias, bits=bits, groups=groups, block_m=block_m, splits=splits,
-                         regs=decode == "regs", schedule=SCHEDULES[splits],
+                         regs=DECODES[decode], schedule=SCHEDULES[splits],
                          extra_ints=dict(adapters=adapters, lut_stride=lut.numel()), extra=dict(offsets=offsets))
     for a in range(adapters):
         rows = slice(int(offsets[a]), int(offsets[a + 1]))
@@ -352,8 +369,10 @@ def _expected_forward_plan(device: str, m: int, act: torch.dtype) -> tuple[str, 
         return ("decode_gemm", 0) if m >= 32 else ("simple", 0)
     if m > 512:
         return "decode_gemm", 0
+    if m <= 16:
+        return "mma_regs_direct", 16
     if m <= 32:
-        return "mma_regs", 16 if m <= 16 else 32
+        return "mma_regs", 32
     block_m = 64 if m <= 64 else 128
     return "mma", 64 if device == "sm86" else block_m
 
@@ -400,22 +419,24 @@ def test_dispatch_backward_plans_run(device, m):
 # Shared-memory bank conflicts of the marked accesses (mma.cuh smem_load / smem_store, every
 # ldmatrix and every cp.async store): the tiles' arrival, the decode's lookups, its W-tile stores, code-word reads, ldmatrix on the swizzled
 # tiles and lut_grad's dW reads are designed conflict-free, whatever the codes. Two known
-# exceptions are pinned: the 3-bit register decode reads each lane's 6 code bytes as two words at
+# exceptions are pinned: the 3-bit register decode (with its code ring; the direct variant has no
+# code tile) reads each lane's 6 code bytes as two words at
 # 24-byte row strides, and translates of the words {0, 1, 3, 4} cannot tile the 32 banks, so every
 # such read takes two wavefronts; and the tile / dx kernels' code tiles, padded to an odd word
 # stride so that the decode's row-per-lane reads are conflict-free, arrive by 4-byte cp.async
 # written row after row, which wraps onto used banks: two wavefronts per request where one would do
 # (csrc/cuda/README.md).
 @pytest.mark.parametrize("bits", (2, 3, 4))
-@pytest.mark.parametrize("kernel", ["regs16", "regs32", "tile16", "tile64", "tile128", "dx32", "dx128", "grad"])
+@pytest.mark.parametrize("kernel", ["regs16", "regs32", "direct16", "direct32", "tile16", "tile64", "tile128", "dx32",
+                                    "dx128", "grad"])
 def test_shared_memory_accesses_are_conflict_free(bits, kernel):
     codes, lut = make_sketch(256, 256, bits, 2, mode="random", seed=bits)
     x = randn(20, 256, dtype=torch.bfloat16, seed=1)
     dy = randn(20, 256, dtype=torch.bfloat16, seed=2)
     p = dict(_problem(codes, 20, 256, 256, 2, bits), act=_code(torch.bfloat16), lut_type=0)
-    if kernel.startswith(("regs", "tile")):
-        block_m = int(kernel.lstrip("regstil"))
-        case = ("linear_mma", dict(p, block_m=block_m, splits=1, regs=int(kernel.startswith("regs"))),
+    if kernel.startswith(tuple(DECODES)):
+        decode = kernel.rstrip("0123456789")
+        case = ("linear_mma", dict(p, block_m=int(kernel[len(decode):]), splits=1, regs=DECODES[decode]),
                 dict(x=x, codes=codes, lut=lut))
     elif kernel.startswith("dx"):
         case = ("dx_mma", dict(p, block_m=int(kernel[2:]), splits=1), dict(dy=dy, codes=codes, lut=lut))
@@ -424,11 +445,12 @@ def test_shared_memory_accesses_are_conflict_free(bits, kernel):
     (out,) = simt.run_cases([case])
     assert out["status"] == 0 and out["smem.divergent"] == 0
     sites = {k.split(".")[1] for k in out if k.startswith("smem.") and k.count(".") == 2}
-    expected = {"regs": {"lane_codes", "lut_lookup", "x_regs"}, "tile": {"code_words", "lut_lookup", "w_store", "ldmatrix"},
+    expected = {"regs": {"lane_codes", "lut_lookup", "x_regs"}, "direct": {"lut_lookup", "x_regs"}, "tile": {"code_words", "lut_lookup", "w_store", "ldmatrix"},
                 "dx": {"code_words", "lut_lookup", "w_store", "ldmatrix"}, "grad": {"grad_dw", "ldmatrix"}}
     # every tile arrives by cp.async: x / dy tiles in 16-byte units, the register decode's code rows
-    # in 16- or 8-byte pieces, the tile and dx kernels' padded code tiles in 4-byte words
-    copies = {"regs": {"cp_async_16"} if bits != 3 else {"cp_async_16", "cp_async_8"},
+    # in 16- or 8-byte pieces, the tile and dx kernels' padded code tiles in 4-byte words; the direct
+    # decode copies x only
+    copies = {"regs": {"cp_async_16"} if bits != 3 else {"cp_async_16", "cp_async_8"}, "direct": {"cp_async_16"},
               "tile": {"cp_async_16", "cp_async_4"}, "dx": {"cp_async_16", "cp_async_4"}, "grad": {"cp_async_16"}}
     expected = {k: v | copies[k] for k, v in expected.items()}
     assert sites == expected[kernel.rstrip("0123456789")]
@@ -458,7 +480,8 @@ def test_dispatch_multi_adapter_plans_run(m, adapters):
         assert simt.as_tensor(out["y"], torch.float16, (m, n)).isnan().all()  # and the harness ran nothing
         return
     want_block = 16 if segment <= 16 else 32 if segment <= 32 else 64 if segment <= 64 else 128
-    assert path == ("mma_regs" if segment <= 32 else "mma") and int(block_m) == want_block, out["plan"]
+    want_path = "mma_regs_direct" if segment <= 16 else "mma_regs" if segment <= 32 else "mma"
+    assert path == want_path and int(block_m) == want_block, out["plan"]
     y = simt.as_tensor(out["y"], torch.float16, (m, n))
     for a in range(adapters):
         rows = slice(int(offsets[a]), int(offsets[a + 1]))

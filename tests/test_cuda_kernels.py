@@ -1,4 +1,4 @@
-"""Every CUDA forward path (simple, mma, mma_regs, decode_gemm) against the reference, forced one at
+"""Every CUDA forward path (simple, mma, mma_regs, mma_regs_direct, decode_gemm) against the reference, forced one at
 a time, plus the dispatch itself: which path a call takes, fallbacks, split-K, CUDA graphs.
 
 "mma", "mma_regs" and "decode_gemm" round W to the activation dtype (as a bf16/fp16 nn.Linear's weight is), so
@@ -19,8 +19,9 @@ from conftest import ALL_BITS, CUDA_MARKS, assert_close_rel, dtype_id, make_sket
 pytestmark = CUDA_MARKS
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
-# The two decodes of the fused kernel: W tiles through shared memory, or fragments in registers.
-MMA_PATHS = ("mma", "mma_regs")
+# The decodes of the fused kernel: W tiles through shared memory, or fragments in registers (codes
+# through a shared-memory ring, or loaded straight into registers).
+MMA_PATHS = ("mma", "mma_regs", "mma_regs_direct")
 
 
 def _check_elementwise(out: torch.Tensor, x, codes, lut, bias, act_dtype) -> None:
@@ -49,7 +50,12 @@ def _run(path: str, x, codes, lut, bias=None):
     # register decode: both token tiles, ragged rows, group size 64 (a LUT refill every step),
     # one group, a long K with many groups
     ("mma_regs", 1, 200, 1024, 4), ("mma_regs", 7, 128, 256, 1), ("mma_regs", 16, 1000, 512, 8),
-    ("mma_regs", 17, 130, 128, 2), ("mma_regs", 32, 96, 4096, 64), ("mma_regs", 3, 256, 192, 3)])
+    ("mma_regs", 17, 130, 128, 2), ("mma_regs", 32, 96, 4096, 64), ("mma_regs", 3, 256, 192, 3),
+    # codes in registers: its 4-deep register ring full, partly used (K-steps per split not a
+    # multiple of 4) and never filled
+    ("mma_regs_direct", 1, 200, 1024, 4), ("mma_regs_direct", 5, 264, 576, 3),
+    ("mma_regs_direct", 16, 1000, 512, 8), ("mma_regs_direct", 30, 96, 4096, 64),
+    ("mma_regs_direct", 2, 130, 192, 1)])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 def test_mma_matches_reference(bits, act_dtype, lut_dtype, path, m, n, k, groups, with_bias):
     codes, lut = make_sketch(n, k, bits, groups, lut_dtype=lut_dtype, device="cuda", seed=m + n + bits)
@@ -108,17 +114,18 @@ def test_paths_agree_through_the_module():
     mod = spallm_ext.SketchedLinear(512, 384, bits=4, groups_per_row=4).cuda()
     x = torch.randn(2, 13, 512, device="cuda", dtype=torch.bfloat16)
     outs = {}
-    for path in ("simple", "mma", "mma_regs", "decode_gemm"):
+    for path in ("simple", "mma", "mma_regs", "mma_regs_direct", "decode_gemm"):
         with kernels.use_cuda_kernel(path):
             outs[path] = mod(x)
             assert kernels.last_cuda_plan().startswith(path + " "), kernels.last_cuda_plan()
-    for path in ("mma", "mma_regs", "decode_gemm"):
+    for path in ("mma", "mma_regs", "mma_regs_direct", "decode_gemm"):
         assert_close_rel(outs[path].float(), outs["simple"].float(), torch.bfloat16, factor=2)
 
 
 def test_auto_dispatch_choices():
     codes, lut = make_sketch(512, 1024, 4, 4, device="cuda")
-    for m, expect in [(1, "mma_regs "), (16, "mma_regs "), (32, "mma_regs "), (33, "mma "), (100, "mma "),
+    for m, expect in [(1, "mma_regs_direct "), (16, "mma_regs_direct "), (17, "mma_regs "), (32, "mma_regs "),
+                      (33, "mma "), (100, "mma "),
                       (2048, "decode_gemm")]:
         spallm_ext.lut_linear(randn(m, 1024, dtype=torch.bfloat16, device="cuda"), codes, lut)
         assert kernels.last_cuda_plan().startswith(expect), (m, kernels.last_cuda_plan())
@@ -279,7 +286,8 @@ def test_lowrank_fused_matches_reference(bits, act_dtype, m, n, k, rank, with_bi
 # t = x l1 on chip in both decodes' kernels, every token tile that carries t blocks (16, 32, 64),
 # l1 in each dtype and strided (a column slice of a wider matrix, and a transposed view), ranks
 # that leave the last 64-row t block and the reduction's 32-rank chunks ragged.
-@pytest.mark.parametrize("path,m", [("mma_regs", 1), ("mma_regs", 20), ("mma", 3), ("mma", 30), ("mma", 50)])
+@pytest.mark.parametrize("path,m", [("mma_regs", 1), ("mma_regs", 20), ("mma_regs_direct", 2), ("mma", 3), ("mma", 30),
+                                    ("mma", 50)])
 @pytest.mark.parametrize("l1_layout", ["contiguous", "column_slice", "transposed"])
 @pytest.mark.parametrize("lr_dtype", (torch.float32, torch.bfloat16, torch.float16), ids=dtype_id)
 @pytest.mark.parametrize("rank", [1, 33, 70])

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import spallm_ext
@@ -20,6 +21,20 @@ def test_build_info_reports_backends():
     if info["cuda"]:
         assert info["cuda_archs"]
     assert info["cuda_available"] == (info["cuda"] and torch.cuda.is_available())
+
+
+def test_every_cuda_path_name_is_accepted_by_the_library():
+    """kernels.PATHS and the library's list agree (in a CPU-only build too, where forcing is a no-op):
+    a path added on one side only would make use_cuda_kernel refuse a documented name."""
+    from spallm_ext import kernels
+    previous = kernels.cuda_kernel()
+    try:
+        for name in kernels.PATHS:
+            kernels.set_cuda_kernel(name)
+        with pytest.raises(ValueError, match="kernel must be one of"):
+            kernels.set_cuda_kernel("mma_fast")
+    finally:
+        kernels.set_cuda_kernel(previous)
 
 
 def test_import_without_native_library_says_how_to_build(tmp_path):

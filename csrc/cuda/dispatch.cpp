@@ -5,6 +5,10 @@
 //   * M <= kRegsMaxTokens: mma_regs, whose decode costs one shared-memory lookup per weight
 //     (the tile variant adds a store and an ldmatrix read: ~1/15 clock per weight and SM against
 //     the ~1/26 at which 4-bit codes stream in from HBM), so the small-M calls stay memory-bound.
+//     Up to kDirectMaxTokens its codes skip shared memory too (mma_regs_direct): at M = 1 that is
+//     44 -> 36 bank wavefronts per 1024 weights, a shared-memory ceiling of ~98 % of HBM's code rate
+//     instead of ~81 % (bench/smem_traffic.py); above 16 tokens x and the lookups dominate and the
+//     ring keeps the bytes in flight out of the 32-token tile's full register file.
 //   * M <= kMmaMaxTokens, bf16/fp16, aligned shapes: the fused mma kernel. Up to M ~ 64-128 the
 //     call is bound by reading the codes (4-bit: a quarter of bf16's bytes), which only a fused
 //     kernel exploits; decode_gemm would write and re-read a bf16 W (4.5x the codes' traffic).
@@ -23,6 +27,7 @@ namespace {
 constexpr int64_t kMmaMaxTokens = 512;     // MEASURE: crossover of mma and decode_gemm
 constexpr int64_t kDecodeMinTokens = 32;   // MEASURE: below this, simple beats decode + GEMM
 constexpr int64_t kRegsMaxTokens = 32;     // MEASURE: crossover of mma_regs and mma (32: its largest tile)
+constexpr int64_t kDirectMaxTokens = 16;   // MEASURE: mma_regs_direct up to here, mma_regs above
 constexpr int64_t kTileN = 128;            // rows of W per mma block (lut_mma.cu's kBlockN)
 constexpr int64_t kTileK = 64;             // columns per mma K-step (lut_mma.cu's kBlockK)
 constexpr int kMaxSplits = 32;
@@ -72,9 +77,9 @@ Plan mma_plan(const LutProblem& p, const DeviceInfo& d, const char* why) {
   return plan;
 }
 
-Plan mma_regs_plan(const LutProblem& p, const DeviceInfo& d, const char* why) {
+Plan mma_regs_plan(const LutProblem& p, const DeviceInfo& d, const char* why, Path path = Path::MmaRegs) {
   Plan plan = mma_plan(p, d, why);
-  plan.path = Path::MmaRegs;
+  plan.path = path;
   plan.block_m = p.M <= 16 ? 16 : 32;
   plan.splits = splits_for(ceil_div(p.N, kTileN) * ceil_div(p.M, plan.block_m), p.K / kTileK, d);
   return plan;
@@ -113,12 +118,13 @@ const char* path_name(Path p) {
     case Path::Mma: return "mma";
     case Path::DecodeGemm: return "decode_gemm";
     case Path::MmaRegs: return "mma_regs";
+    case Path::MmaRegsDirect: return "mma_regs_direct";
   }
   return "?";
 }
 
 bool path_from_name(const char* name, Path* out) {
-  for (Path p : {Path::Auto, Path::Simple, Path::Mma, Path::DecodeGemm, Path::MmaRegs}) {
+  for (Path p : {Path::Auto, Path::Simple, Path::Mma, Path::DecodeGemm, Path::MmaRegs, Path::MmaRegsDirect}) {
     if (std::strcmp(name, path_name(p)) == 0) {
       *out = p;
       return true;
@@ -150,6 +156,7 @@ bool mma_regs_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo&
   const char* no = nullptr;
   if (p.M > kRegsMaxTokens) no = "mma_regs needs M <= 32";
   else if (c.codes_ptr % 16 != 0) no = "mma_regs needs 16-byte aligned codes";
+  // (The code ring's variant needs the most shared memory; mma_regs_direct runs wherever it does.)
   else if (!fits(lut_mma_smem_bytes(p.bits, p.M <= 16 ? 16 : 32, true), d)) no = "mma_regs: shared memory";
   if (why != nullptr && no != nullptr) *why = no;
   return no == nullptr;
@@ -159,7 +166,8 @@ MmaConfig mma_config(const Plan& plan) {
   MmaConfig c;
   c.block_m = plan.block_m;
   c.splits = plan.splits;
-  c.regs = plan.path == Path::MmaRegs;
+  c.regs = plan.path == Path::MmaRegs || plan.path == Path::MmaRegsDirect;
+  c.codes_direct = plan.path == Path::MmaRegsDirect;
   return c;
 }
 
@@ -229,12 +237,18 @@ Plan plan_gemm(const LutProblem& p, const DeviceInfo& d, bool regs_ok, bool mma_
     case Path::MmaRegs:
       if (regs_ok) return mma_regs_plan(p, d, "forced: mma_regs");
       break;
+    case Path::MmaRegsDirect:
+      if (regs_ok) return mma_regs_plan(p, d, "forced: mma_regs_direct", Path::MmaRegsDirect);
+      break;
     case Path::DecodeGemm:
       if (dec_ok) return decode_plan("forced: decode_gemm");
       break;
     case Path::Auto: break;
   }
   if (p.M > kMmaMaxTokens && dec_ok) return decode_plan("large M: decode once, cuBLAS GEMM");
+  if (regs_ok && p.M <= kDirectMaxTokens) {
+    return mma_regs_plan(p, d, "small M: codes and fragments in registers, tensor cores", Path::MmaRegsDirect);
+  }
   if (regs_ok) return mma_regs_plan(p, d, "small M: fragments decoded in registers, tensor cores");
   if (mma_ok) return mma_plan_fn(p, d, "fused LUT gather-GEMM on tensor cores");
   if (p.M >= kDecodeMinTokens && dec_ok) return decode_plan(mma_no);

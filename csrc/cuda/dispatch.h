@@ -8,6 +8,8 @@
 //                sm_80+). Codes tiles are decoded through the LUT in shared memory, never to HBM.
 //   mma_regs     lut_mma.cu's small-M variant (M <= 32): each lane decodes its own mma fragments
 //                into registers, so the W tile never makes a round trip through shared memory.
+//   mma_regs_direct  the same with each lane's codes loaded from global memory straight into
+//                registers (no shared-memory code ring).
 //   decode_gemm  lut_decode_fast.cu decodes W once into a workspace in the activation dtype, then
 //                cuBLAS multiplies (the "official SketchTune" strategy, done with a fast decoder).
 //                Compute-bound calls (large M) amortize the decode; fp32 gets cuBLAS's fp32 GEMM.
@@ -18,13 +20,13 @@
 
 namespace spallm::cuda {
 
-enum class Path : int { Auto = 0, Simple = 1, Mma = 2, DecodeGemm = 3, MmaRegs = 4 };
+enum class Path : int { Auto = 0, Simple = 1, Mma = 2, DecodeGemm = 3, MmaRegs = 4, MmaRegsDirect = 5 };
 
-// Both forward tensor-core paths run lut_linear_mma (with MmaConfig::regs telling them apart).
-inline bool is_mma(Path p) { return p == Path::Mma || p == Path::MmaRegs; }
+// The forward tensor-core paths all run lut_linear_mma (MmaConfig tells them apart).
+inline bool is_mma(Path p) { return p == Path::Mma || p == Path::MmaRegs || p == Path::MmaRegsDirect; }
 
 const char* path_name(Path p);
-// "auto", "simple", "mma", "decode_gemm", "mma_regs"; returns false for any other name.
+// "auto", "simple", "mma", "decode_gemm", "mma_regs", "mma_regs_direct"; false for any other name.
 bool path_from_name(const char* name, Path* out);
 
 struct DeviceInfo {
@@ -45,7 +47,7 @@ struct CallInfo {
 
 struct Plan {
   Path path = Path::Simple;
-  int block_m = 0;  // mma: tokens per block tile (16, 32, 64 or 128; mma_regs: 16 or 32)
+  int block_m = 0;  // mma: tokens per block tile (16, 32, 64 or 128; mma_regs(_direct): 16 or 32)
   int splits = 1;   // mma: K split across blocks; > 1 needs an fp32 workspace [splits, M, N]
   const char* branch = "";  // lut_linear_lowrank on mma: "t=on-chip" or "t=gemm" (ops.cpp sets it)
   const char* why = "";  // one line: why this path (tests and debugging read it)
@@ -54,7 +56,8 @@ struct Plan {
 // Whether each fast kernel can run this problem at all (shape, dtype, alignment, arch); on false,
 // `why` says what rules it out.
 bool mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why);
-// mma_supports plus the register variant's own needs (M <= 32, 16-byte aligned codes).
+// mma_supports plus the register variants' own needs (M <= 32, 16-byte aligned codes); both
+// mma_regs and mma_regs_direct run wherever this holds.
 bool mma_regs_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why);
 bool fast_decode_supports(const LutProblem& p, uintptr_t codes_ptr, uintptr_t out_ptr, const char** why);
 

@@ -85,11 +85,13 @@ struct Segments {
 // How lut_linear_mma runs: tokens per block tile, K split across blocks, and the decode (dispatch.cpp
 // fills it from a Plan). regs = false: W tiles decoded into shared memory, block_m in
 // {16, 32, 64, 128}; regs = true: every lane decodes its own mma fragments into registers,
-// block_m in {16, 32}, codes 16-byte aligned.
+// block_m in {16, 32}, codes 16-byte aligned; with codes_direct (regs only) those lanes load their
+// codes from global memory straight into registers instead of through a shared-memory ring.
 struct MmaConfig {
   int block_m = 16;
   int splits = 1;
   bool regs = false;
+  bool codes_direct = false;
 };
 
 // y = x W^T (+ bias) on tensor cores with W decoded on chip, never in HBM (lut_mma.cu).
@@ -102,7 +104,7 @@ cudaError_t lut_linear_mma(const LutProblem& p, const void* x, DType act_type, c
 
 // Dynamic shared memory of one block of each tensor-core kernel, so that dispatch can keep within
 // the device's per-block limit (99 KB on sm_86 / sm_89 / sm_120, 227 KB on sm_90).
-int lut_mma_smem_bytes(int bits, int block_m, bool regs);
+int lut_mma_smem_bytes(int bits, int block_m, bool regs, bool codes_direct = false);
 int lut_dx_mma_smem_bytes(int bits, int block_m);
 int lut_grad_mma_smem_bytes(int bits);
 

@@ -45,11 +45,14 @@
 //     * Lane-private LUTs: lane l keeps the LUTs of its rows g and g+8 in column l of a
 //       [warp][2 * 2^BITS][32] fp32 table, so the 32 lookups of a warp hit 32 banks whatever the
 //       codes, and a lane only reads what it wrote itself (no barrier around refills).
-//     One 4-byte lookup per weight is then the whole shared-memory cost of the decode.
+//     One 4-byte lookup per weight is then the whole shared-memory cost of the decode. Its codes
+//     come through a cp.async ring of code tiles or, with codes_direct (mma_regs_direct), from
+//     global memory straight into registers (see "regs" below).
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "codes.h"
 #include "cuda/dtype.cuh"
@@ -461,16 +464,32 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
 }
 
 // ---- regs: each lane decodes its own A fragments (block_m 16 or 32) -------------------------
+//
+// Where a lane's codes come from (DIRECT, MmaConfig::codes_direct):
+//   false: a cp.async ring of code tiles in shared memory, as the tile kernel has; each lane then
+//          reads its two rows' pieces back (lane_codes).
+//   true:  straight from global memory into a ring of kCodeRegStages registers sets, loaded that
+//          many K-steps ahead with 8-byte (4-bit) / 4-byte loads. The 4 lanes of a row read one
+//          32-byte sector between them (24 bytes of one for 3-bit), so HBM sees the same full
+//          sectors; what goes away is the code tile's round trip through shared memory: its
+//          cp.async write and the lane_codes read, 8 of the 44 bank wavefronts per 1024 weights
+//          at M = 1 (bench/smem_traffic.py), and 16 KB of shared memory per block. The price: the
+//          main loop is unrolled by the ring depth (a register array needs constant indices) and
+//          the bytes in flight are the ring's (kCodeRegStages x 512 bytes per warp, 4-bit), where
+//          cp.async keeps them out of the register file.
 
-template <int BITS, int BM>
+constexpr int kCodeRegStages = 4;
+
+template <int BITS, int BM, bool DIRECT = false>
 struct RegsSmem {
   static_assert(BM == 16 || BM == 32, "every warp owns 16 rows and all tokens");
   static constexpr int kStages = 4;
   static constexpr int kEntries = 1 << BITS;
   static constexpr int kCodeRowBytes = kBlockK * BITS / 8;  // 32 / 24 / 16 bytes per row and K-step
-  static constexpr int kCopyBytes = kCodeRowBytes % 16 == 0 ? 16 : 8;
+  static constexpr int kCopyBytes = kCodeRowBytes % 16 == 0 ? 16 : 8;  // the ring's cp.async pieces
+  static_assert(kCodeRowBytes % kCopyBytes == 0, "whole pieces per code row");
   static constexpr int kXBytes = BM * SwizzledTile64::kRowBytes;
-  static constexpr int kCodeBytes = kBlockN * kCodeRowBytes;
+  static constexpr int kCodeBytes = DIRECT ? 0 : kBlockN * kCodeRowBytes;
   static constexpr int kLaneLut = 2 * kEntries;  // floats per lane: rows g and g + 8
   static constexpr int kTableBytes = kThreads * kLaneLut * 4;
   static constexpr int kX = 0;
@@ -479,34 +498,68 @@ struct RegsSmem {
   static constexpr int kBytes = kTable + kTableBytes;
 };
 
-// The 16 codes of columns 16t..16t+15 of one row's K-step (`row`: its kCodeRowBytes bytes in
-// shared memory), as bytes 0.. of w in the canonical layout: 8 bytes at 8t (4-bit), 4 at 4t
-// (2-bit), or 6 at 6t (3-bit: two 8-column bit-plane chunks; 6t is word aligned for even t only,
-// so odd t shifts two words down by 16 bits).
+// A lane's piece of one row's K-step: the 16 codes of columns 16t..16t+15, which are 8 bytes at 8t
+// (4-bit), 4 at 4t (2-bit) or 6 at 6t (3-bit: two 8-column bit-plane chunks; 6t is word aligned
+// for even t only, so the piece is read as the two words from word 3t / 2 on, and odd t shifts
+// them down by 16 bits). kWords raw words per piece, first at word first_word(t) of the row's step.
+template <int BITS>
+struct LanePiece {
+  static constexpr int kWords = BITS == 2 ? 1 : 2;
+  static __device__ __forceinline__ int first_word(int t) { return BITS == 4 ? 2 * t : BITS == 2 ? t : (3 * t) / 2; }
+  // The raw words as bytes 0.. of w in the canonical layout.
+  static __device__ __forceinline__ void codes(const uint32_t (&raw)[kWords], int t, uint32_t (&w)[2]) {
+    if constexpr (BITS == 3) {
+      const int shift = (t & 1) * 16;
+      w[0] = __funnelshift_r(raw[0], raw[1], shift);
+      w[1] = raw[1] >> shift;
+    } else {
+      w[0] = raw[0];
+      w[1] = kWords == 2 ? raw[kWords - 1] : 0;
+    }
+  }
+};
+
+// The lane's piece from a code tile row in shared memory (`row`: its kCodeRowBytes bytes).
 template <int BITS>
 __device__ __forceinline__ void lane_codes(const uint8_t* row, int t, uint32_t (&w)[2]) {
+  using P = LanePiece<BITS>;
+  const uint32_t* r = reinterpret_cast<const uint32_t*>(row) + P::first_word(t);
+  uint32_t raw[P::kWords];
   if constexpr (BITS == 4) {
-    const uint2 v = smem_load(reinterpret_cast<const uint2*>(row + 8 * t), "lane_codes");
-    w[0] = v.x;
-    w[1] = v.y;
-  } else if constexpr (BITS == 2) {
-    w[0] = smem_load(reinterpret_cast<const uint32_t*>(row + 4 * t), "lane_codes");
-    w[1] = 0;
+    const uint2 v = smem_load(reinterpret_cast<const uint2*>(r), "lane_codes");
+    raw[0] = v.x;
+    raw[1] = v.y;
   } else {
-    const uint32_t* r = reinterpret_cast<const uint32_t*>(row) + (3 * t) / 2;
-    const uint32_t lo = smem_load(r, "lane_codes"), hi = smem_load(r + 1, "lane_codes");
-    const int shift = (t & 1) * 16;
-    w[0] = __funnelshift_r(lo, hi, shift);
-    w[1] = hi >> shift;
+#pragma unroll
+    for (int i = 0; i < P::kWords; ++i) raw[i] = smem_load(r + i, "lane_codes");
+  }
+  P::codes(raw, t, w);
+}
+
+// The lane's raw piece straight from global memory (`row`: the step's bytes of a row of W that
+// exists; rows past N take zeros, whose lookups hit the zero LUT those rows get).
+template <int BITS>
+__device__ __forceinline__ void lane_codes_global(const uint8_t* row, bool valid, int t,
+                                                  uint32_t (&raw)[LanePiece<BITS>::kWords]) {
+  using P = LanePiece<BITS>;
+  const uint32_t* r = reinterpret_cast<const uint32_t*>(row) + P::first_word(t);
+  if constexpr (BITS == 4) {
+    const uint2 v = valid ? ldg_stream(reinterpret_cast<const uint2*>(r)) : uint2{0, 0};
+    raw[0] = v.x;
+    raw[1] = v.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < P::kWords; ++i) raw[i] = valid ? ldg_stream(r + i) : 0u;
   }
 }
 
-template <int BITS, typename A, int BM>
+template <int BITS, typename A, int BM, bool DIRECT>
 __global__ void __launch_bounds__(kThreads, 2)
 lut_mma_regs_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict__ codes,
                     const void* __restrict__ lut, DType lut_type, const A* __restrict__ bias,
                     A* __restrict__ y, float* __restrict__ workspace, int splits, LowRank lowrank, Segments seg) {
-  using S = RegsSmem<BITS, BM>;
+  using S = RegsSmem<BITS, BM, DIRECT>;
+  using P = LanePiece<BITS>;
   constexpr int TM = BM / 8;
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
@@ -529,16 +582,29 @@ lut_mma_regs_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __rest
   float* const lut_col = lut_table + warp * S::kLaneLut * 32 + lane;
 
   auto load_stage = [&](int stage, int64_t step) {
-    constexpr int kCopies = S::kCodeRowBytes / S::kCopyBytes;
-    uint8_t* ct = code_tile(stage);
-    for (int i = tid; i < kBlockN * kCopies; i += kThreads) {
-      const int row = i / kCopies, part = i % kCopies;
-      const int64_t n = b.n0 + row;
-      const bool ok = n < p.N;
-      const uint8_t* src = ok ? codes + n * p.row_bytes + step * S::kCodeRowBytes + part * S::kCopyBytes : codes;
-      cp_async<S::kCopyBytes>(ct + row * S::kCodeRowBytes + part * S::kCopyBytes, src, ok);
+    if constexpr (!DIRECT) {
+      constexpr int kCopies = S::kCodeRowBytes / S::kCopyBytes;
+      uint8_t* ct = code_tile(stage);
+      for (int i = tid; i < kBlockN * kCopies; i += kThreads) {
+        const int row = i / kCopies, part = i % kCopies;
+        const int64_t n = b.n0 + row;
+        const bool ok = n < p.N;
+        const uint8_t* src = ok ? codes + n * p.row_bytes + step * S::kCodeRowBytes + part * S::kCopyBytes : codes;
+        cp_async<S::kCopyBytes>(ct + row * S::kCodeRowBytes + part * S::kCopyBytes, src, ok);
+      }
     }
     load_x_tile<BM>(x_tile(stage), x, p, b, step, tid);
+  };
+
+  // DIRECT: the register ring, slot r holding the raw pieces of rows g and g + 8 for K-step
+  // it with it % kCodeRegStages == r.
+  const int64_t row0 = b.n0 + warp * 16 + g;
+  const uint8_t* const code_row0 = codes + row0 * p.row_bytes;
+  const uint8_t* const code_row1 = code_row0 + 8 * p.row_bytes;
+  uint32_t code_ring[DIRECT ? kCodeRegStages : 1][2][P::kWords];
+  auto fetch_codes = [&](uint32_t (&slot)[2][P::kWords], int64_t step) {
+    lane_codes_global<BITS>(code_row0 + step * S::kCodeRowBytes, row0 < p.N, t, slot[0]);
+    lane_codes_global<BITS>(code_row1 + step * S::kCodeRowBytes, row0 + 8 < p.N, t, slot[1]);
   };
 
   // Group changes: the next group's LUT values are loaded into registers one step ahead (their
@@ -547,7 +613,7 @@ lut_mma_regs_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __rest
   auto fetch_luts = [&](int64_t group) {
 #pragma unroll
     for (int k = 0; k < S::kLaneLut; ++k) {
-      const int64_t n = b.n0 + warp * 16 + g + 8 * (k / S::kEntries);
+      const int64_t n = row0 + 8 * (k / S::kEntries);
       next_lut[k] = n < p.N ? load_float(lut, lut_type, b.lut_offset + (n * p.G + group) * S::kEntries + k % S::kEntries)
                             : 0.f;
     }
@@ -559,11 +625,8 @@ lut_mma_regs_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __rest
 
   float acc[1][TM][4] = {};
   const int64_t tokens = b.m_end - b.m0;  // valid tokens of this tile (more than BM: all BM are)
-  auto decode_mma = [&](int stage) {
-    const uint8_t* rows = code_tile(stage) + (warp * 16 + g) * S::kCodeRowBytes;
-    uint32_t w0[2], w1[2];
-    lane_codes<BITS>(rows, t, w0);
-    lane_codes<BITS>(rows + 8 * S::kCodeRowBytes, t, w1);
+  // w0 / w1: the lane's codes of rows g and g + 8 in this K-step.
+  auto decode_mma = [&](int stage, const uint32_t (&w0)[2], const uint32_t (&w1)[2]) {
     // Entries of a lane's column lie 32 floats (128 bytes) apart, row g + 8's 2^BITS entries on.
     auto weight = [&](const uint32_t(&w)[2], int half, int i) {
       return lookup<BITS, 7>(lut_table + 32 * half * S::kEntries, lut_lane_bytes, w, i);
@@ -597,24 +660,51 @@ lut_mma_regs_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __rest
     }
   };
 
-  ring_prologue<S::kStages>(b.nsteps, b.step_begin, load_stage);
-  if (b.nsteps > 0) {
-    fetch_luts(b.step_begin / b.steps_per_group);
-    store_luts();
-  }
-  for (int it = 0; it < b.nsteps; ++it) {
+  // K-step it, with (DIRECT) its codes in code_ring[r]; slot r is refilled with step it + ring
+  // depth as soon as its codes are in w0 / w1.
+  auto step = [&](int it, int r) {
     const int stage = it % S::kStages;
-    const int64_t step = b.step_begin + it;
+    const int64_t k_step = b.step_begin + it;
     cp_async_wait<S::kStages - 2>();
     // One barrier per step: this stage has landed for everyone, and every warp is done with the
     // stage that the load below refills (read in step it - 1).
     __syncthreads();
-    if (it > 0 && step % b.steps_per_group == 0) store_luts();
-    if (it + 1 < b.nsteps && (step + 1) % b.steps_per_group == 0) fetch_luts((step + 1) / b.steps_per_group);
-    decode_mma(stage);
+    if (it > 0 && k_step % b.steps_per_group == 0) store_luts();
+    if (it + 1 < b.nsteps && (k_step + 1) % b.steps_per_group == 0) fetch_luts((k_step + 1) / b.steps_per_group);
+    uint32_t w0[2], w1[2];
+    if constexpr (DIRECT) {
+      P::codes(code_ring[r][0], t, w0);
+      P::codes(code_ring[r][1], t, w1);
+      if (it + kCodeRegStages < b.nsteps) fetch_codes(code_ring[r], k_step + kCodeRegStages);
+    } else {
+      const uint8_t* rows = code_tile(stage) + (warp * 16 + g) * S::kCodeRowBytes;
+      lane_codes<BITS>(rows, t, w0);
+      lane_codes<BITS>(rows + 8 * S::kCodeRowBytes, t, w1);
+    }
+    decode_mma(stage, w0, w1);
     const int next = it + S::kStages - 1;
     if (next < b.nsteps) load_stage(next % S::kStages, b.step_begin + next);
     cp_async_commit();
+  };
+
+  ring_prologue<S::kStages>(b.nsteps, b.step_begin, load_stage);
+  if constexpr (DIRECT) {
+#pragma unroll
+    for (int r = 0; r < kCodeRegStages; ++r) {
+      if (r < b.nsteps) fetch_codes(code_ring[r], b.step_begin + r);
+    }
+  }
+  if (b.nsteps > 0) {
+    fetch_luts(b.step_begin / b.steps_per_group);
+    store_luts();
+  }
+  // DIRECT unrolls the loop by the ring depth, so every code_ring index is a constant.
+  constexpr int kUnroll = DIRECT ? kCodeRegStages : 1;
+  for (int it0 = 0; it0 < b.nsteps; it0 += kUnroll) {
+#pragma unroll
+    for (int r = 0; r < kUnroll; ++r) {
+      if (it0 + r < b.nsteps) step(it0 + r, r);
+    }
   }
   cp_async_wait<0>();
   store_accumulators<A>(acc, p, b, b.n0 + warp * 16, b.m0, lane, bias, y, workspace, splits, lowrank);
@@ -622,7 +712,8 @@ lut_mma_regs_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __rest
 
 // ---- launch --------------------------------------------------------------------------------
 
-template <int BITS, typename A, int BM, bool REGS>
+// DECODE: 0 tile, 1 regs with the code ring in shared memory, 2 regs with codes in registers.
+template <int BITS, typename A, int BM, int DECODE>
 cudaError_t launch(const LutProblem& p, const A* x, const uint8_t* codes, const void* lut, DType lut_type,
                    const A* bias, A* y, int splits, float* workspace, const LowRank& lowrank, const Segments& seg,
                    cudaStream_t stream) {
@@ -631,9 +722,9 @@ cudaError_t launch(const LutProblem& p, const A* x, const uint8_t* codes, const 
   const int64_t t_columns = lowrank.l1 != nullptr ? ceil_div(lowrank.rank, kLowRankRows) : 0;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kBlockN) + t_columns), static_cast<unsigned>(token_tiles),
                   static_cast<unsigned>(splits));
-  if constexpr (REGS) {
-    using S = RegsSmem<BITS, BM>;
-    auto kernel = lut_mma_regs_kernel<BITS, A, BM>;
+  if constexpr (DECODE != 0) {
+    using S = RegsSmem<BITS, BM, DECODE == 2>;
+    auto kernel = lut_mma_regs_kernel<BITS, A, BM, DECODE == 2>;
     err = allow_smem<S>(kernel, S::kBytes);
     if (err != cudaSuccess) return err;
     kernel<<<grid, kThreads, S::kBytes, stream>>>(p, x, codes, lut, lut_type, bias, y, workspace, splits, lowrank, seg);
@@ -659,29 +750,35 @@ cudaError_t launch(const LutProblem& p, const A* x, const uint8_t* codes, const 
 }
 
 template <int BITS, typename A>
-cudaError_t launch_config(int block_m, bool regs, const LutProblem& p, const A* x, const uint8_t* codes,
+cudaError_t launch_config(int block_m, int decode, const LutProblem& p, const A* x, const uint8_t* codes,
                           const void* lut, DType lut_type, const A* bias, A* y, int splits, float* workspace,
                           const LowRank& lr, const Segments& seg, cudaStream_t stream) {
-  if (regs) {
+  auto regs = [&](auto direct) -> cudaError_t {
+    constexpr int kDecode = decltype(direct)::value ? 2 : 1;
     switch (block_m) {
-      case 16: return launch<BITS, A, 16, true>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
-      case 32: return launch<BITS, A, 32, true>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
+      case 16: return launch<BITS, A, 16, kDecode>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
+      case 32: return launch<BITS, A, 32, kDecode>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
       default: return cudaErrorInvalidValue;
     }
-  }
+  };
+  if (decode == 1) return regs(std::false_type{});
+  if (decode == 2) return regs(std::true_type{});
   switch (block_m) {
-    case 16: return launch<BITS, A, 16, false>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
-    case 32: return launch<BITS, A, 32, false>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
-    case 64: return launch<BITS, A, 64, false>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
-    case 128: return launch<BITS, A, 128, false>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
+    case 16: return launch<BITS, A, 16, 0>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
+    case 32: return launch<BITS, A, 32, 0>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
+    case 64: return launch<BITS, A, 64, 0>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
+    case 128: return launch<BITS, A, 128, 0>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
 }  // namespace
 
-int lut_mma_smem_bytes(int bits, int block_m, bool regs) {
+int lut_mma_smem_bytes(int bits, int block_m, bool regs, bool codes_direct) {
   return SPALLM_DISPATCH_BITS(bits, [&]() -> int {
+    if (regs && codes_direct) {
+      return block_m == 16 ? RegsSmem<BITS, 16, true>::kBytes : block_m == 32 ? RegsSmem<BITS, 32, true>::kBytes : -1;
+    }
     if (regs) return block_m == 16 ? RegsSmem<BITS, 16>::kBytes : block_m == 32 ? RegsSmem<BITS, 32>::kBytes : -1;
     return smem_bytes_for<Smem, BITS>(block_m);
   });
@@ -698,14 +795,15 @@ cudaError_t lut_linear_mma(const LutProblem& p, const void* x, DType act_type, c
                                  config.block_m > kLowRankMaxBlockM)) ||
       segments.count < 1 || splits > 65535 ||
       ceil_div(p.M, config.block_m) + (segments.offsets != nullptr ? segments.count : 0) > 65535 ||
-      (config.regs && reinterpret_cast<uintptr_t>(codes) % 16 != 0)) {
+      (config.regs && reinterpret_cast<uintptr_t>(codes) % 16 != 0) || (config.codes_direct && !config.regs)) {
     return cudaErrorInvalidValue;
   }
   if (p.M == 0 || p.N == 0) return cudaSuccess;
   auto run = [&](auto tag) {
     using A = typename decltype(tag)::type;
     return SPALLM_DISPATCH_BITS(p.bits, [&] {
-      return launch_config<BITS, A>(config.block_m, config.regs, p, static_cast<const A*>(x), codes, lut, lut_type,
+      const int decode = config.regs ? (config.codes_direct ? 2 : 1) : 0;
+      return launch_config<BITS, A>(config.block_m, decode, p, static_cast<const A*>(x), codes, lut, lut_type,
                                     static_cast<const A*>(bias), static_cast<A*>(y), splits, workspace, lowrank,
                                     segments, stream);
     });

@@ -46,6 +46,27 @@ __device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid)
 #endif
 }
 
+// A global load of data read exactly once (streamed codes): through the read-only path with
+// L1::no_allocate, so a stream of codes does not push the LUT values and x out of L1. `T` is
+// uint32_t or uint2 (4 or 8 bytes, naturally aligned).
+template <typename T>
+__device__ __forceinline__ T ldg_stream(const T* p) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "4- or 8-byte streaming loads");
+#if defined(SPALLM_SIMT_EMULATOR)
+  return *p;
+#else
+  if constexpr (sizeof(T) == 4) {
+    uint32_t v;
+    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
+    return reinterpret_cast<const T&>(v);
+  } else {
+    uint2 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return reinterpret_cast<const T&>(v);
+  }
+#endif
+}
+
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(SPALLM_SIMT_EMULATOR)
   simt::cp_async_commit();

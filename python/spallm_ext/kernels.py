@@ -4,13 +4,15 @@ The automatic choice (csrc/cuda/dispatch.cpp) picks, per call, between
 
 * ``"mma"``: the fused LUT gather-GEMM on tensor cores (bf16/fp16 activations, sm_80+),
 * ``"mma_regs"``: its small-M variant (M <= 32), each lane decoding its own mma fragments in
-  registers (the default for M <= 32),
+  registers (the default for 16 < M <= 32),
+* ``"mma_regs_direct"``: the same with each lane's codes loaded from global memory straight into
+  registers rather than through a shared-memory ring (the default for M <= 16),
 * ``"decode_gemm"``: decode W once into the activation dtype, then cuBLAS (large M, fp32),
 * ``"simple"``: the exact CUDA-core kernels (any dtype and shape).
 
 Forcing a path applies wherever that path supports the call (shape, dtype, alignment, GPU);
 elsewhere the automatic choice still runs. Results agree across paths within the activation
-dtype's rounding: "mma", "mma_regs" and "decode_gemm" round W to bf16/fp16 as a bf16/fp16 nn.Linear does.
+dtype's rounding: the "mma*" paths and "decode_gemm" round W to bf16/fp16 as a bf16/fp16 nn.Linear does.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Iterator
 
 from . import _C
 
-PATHS = ("auto", "simple", "mma", "mma_regs", "decode_gemm")
+PATHS = ("auto", "simple", "mma", "mma_regs", "mma_regs_direct", "decode_gemm")
 
 
 def set_cuda_kernel(name: str) -> None:

@@ -313,7 +313,10 @@ int run(const Case& c, std::map<std::string, Buffer>& outs) {
     spallm::cuda::MmaConfig config;
     config.block_m = static_cast<int>(c.need("block_m"));
     config.splits = static_cast<int>(c.need("splits"));
+    // regs: 0 the tile decode, 1 the register decode with its shared-memory code ring, 2 with codes
+    // loaded straight into registers.
     config.regs = c.need("regs") != 0;
+    config.codes_direct = c.need("regs") == 2;
     Buffer ws;
     if (config.splits > 1) ws = alloc(config.splits * p.M * p.N * 4, 0xFF);
     spallm::cuda::LowRank lr;
