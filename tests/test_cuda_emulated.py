@@ -460,6 +460,23 @@ def test_shared_memory_accesses_are_conflict_free(bits, kernel):
         assert wavefronts == factor * ideal, f"{site}: {wavefronts} wavefronts, conflict-free needs {ideal}"
 
 
+@pytest.mark.parametrize("decode", ["regs", "direct"])
+def test_register_decode_copies_only_the_tokens_it_has(decode):
+    """At M = 1 the register decodes copy one x row per K-step (8 lanes of one warp: a partial warp
+    access, accounted with the other lanes inactive), not a zero-filled 16-token tile."""
+    n, k, bits = 256, 256, 4
+    codes, lut = make_sketch(n, k, bits, 2, seed=3)
+    x = randn(1, k, dtype=torch.bfloat16, seed=4)
+    y, out = _forward_case(x, codes, lut, None, bits=bits, groups=2, block_m=16, splits=1, regs=DECODES[decode],
+                           schedule=SCHEDULES[0])
+    _assert_elementwise(y, reference.lut_linear(x.double(), codes, lut.to(torch.bfloat16).double()), decode)
+    blocks, steps = n // 128, k // 64
+    x_copies = blocks * steps  # one 128-byte row: one wavefront each
+    code_copies = 0 if decode == "direct" else blocks * steps * 128 * 32 // 128
+    assert out["smem.cp_async_16.wavefronts"] == out["smem.cp_async_16.ideal"] == x_copies + code_copies
+    assert out["smem.divergent"] > 0
+
+
 @pytest.mark.parametrize("m,adapters", [(64, 4), (9, 3), (600, 2), (1100, 2)])
 def test_dispatch_multi_adapter_plans_run(m, adapters):
     """plan_lut_linear_adapters (the variant and tile follow the average segment) and the one-launch

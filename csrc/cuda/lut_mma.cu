@@ -114,11 +114,14 @@ __device__ __forceinline__ BlockWork block_work(const LutProblem& p, int splits,
   return b;
 }
 
-// x[m0 .. m0 + BM, step's 64 columns] into a swizzled tile, tokens past m_end zero-filled.
-template <int BM, typename A>
+// x[m0 .. m0 + BM, step's 64 columns] into a swizzled tile. Tokens past m_end are zero-filled for
+// readers of whole tiles (ldmatrix); with ZERO_FILL = false they are not written at all, for the
+// register decode, whose lanes never read them: at M = 1 that drops 15 of 16 copies per step.
+template <int BM, bool ZERO_FILL = true, typename A>
 __device__ __forceinline__ void load_x_tile(const SwizzledTile64& xt, const A* x, const LutProblem& p,
                                             const BlockWork& b, int64_t step, int tid) {
-  for (int i = tid; i < BM * SwizzledTile64::kUnits; i += kThreads) {
+  const int rows = ZERO_FILL ? BM : static_cast<int>(b.m_end - b.m0 < BM ? b.m_end - b.m0 : BM);
+  for (int i = tid; i < rows * SwizzledTile64::kUnits; i += kThreads) {
     const int tok = i / SwizzledTile64::kUnits, u = i % SwizzledTile64::kUnits;
     const int64_t m = b.m0 + tok;
     const bool ok = m < b.m_end;
@@ -593,7 +596,7 @@ lut_mma_regs_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __rest
         cp_async<S::kCopyBytes>(ct + row * S::kCodeRowBytes + part * S::kCopyBytes, src, ok);
       }
     }
-    load_x_tile<BM>(x_tile(stage), x, p, b, step, tid);
+    load_x_tile<BM, false>(x_tile(stage), x, p, b, step, tid);
   };
 
   // DIRECT: the register ring, slot r holding the raw pieces of rows g and g + 8 for K-step
@@ -635,9 +638,10 @@ lut_mma_regs_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __rest
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       // Token g of each n8 tile, columns 16t + 8h .. +7: the B fragments of mmas 2h and 2h + 1.
-      // Lanes whose token is past the tile's last take zeros without a shared-memory read (the tile
-      // holds zeros there too): at M = 1 a warp reads 64 bytes of x per load instead of 512, and x
-      // would otherwise be a third of the decode's shared-memory traffic (bench/smem_traffic.py).
+      // Lanes whose token is past the tile's last take zeros without a shared-memory read (nor were
+      // those rows copied in: load_x_tile<BM, false>): at M = 1 a warp reads 64 bytes of x per load
+      // instead of 512, and x would otherwise be a third of the decode's shared-memory traffic
+      // (bench/smem_traffic.py).
       uint4 xv[TM];
 #pragma unroll
       for (int j = 0; j < TM; ++j) {

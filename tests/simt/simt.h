@@ -295,25 +295,50 @@ inline void account(const char* site, const uint32_t* offsets, const int* bytes,
 }
 
 // Accounts the marked accesses the 32 lanes of a warp made since their last synchronization point.
+// Lanes that made the same sequence form one warp access per entry. Otherwise (a predicated loop
+// that some lanes leave early, e.g. a tile copy whose last rows are skipped) the k-th access of each
+// site by each lane forms one warp access, the lanes without a k-th one not taking part, as inactive
+// lanes do on the GPU; such epochs are counted in smem_divergent.
 inline void flush_warp_log(Thread* lanes) {
   const size_t n = lanes[0].log.size();
   bool same = true;
   for (int l = 1; l < 32 && same; ++l) same = lanes[l].log.size() == n;
   for (size_t k = 0; k < n && same; ++k) {
-    uint32_t offsets[32];
-    int bytes[32];
-    for (int l = 0; l < 32; ++l) {
-      const Access& a = lanes[l].log[k];
-      if (a.site != lanes[0].log[k].site) {
-        same = false;
-        break;
-      }
-      offsets[l] = a.offset;
-      bytes[l] = a.bytes;
-    }
-    if (same) account(lanes[0].log[k].site, offsets, bytes, 32);
+    for (int l = 1; l < 32; ++l) same = same && lanes[l].log[k].site == lanes[0].log[k].site;
   }
-  if (!same) ++smem_divergent;
+  uint32_t offsets[32];
+  int bytes[32];
+  if (same) {
+    for (size_t k = 0; k < n; ++k) {
+      for (int l = 0; l < 32; ++l) {
+        offsets[l] = lanes[l].log[k].offset;
+        bytes[l] = lanes[l].log[k].bytes;
+      }
+      account(lanes[0].log[k].site, offsets, bytes, 32);
+    }
+  } else {
+    ++smem_divergent;
+    std::map<std::string, std::vector<std::vector<const Access*>>> by_site;  // site -> lane -> accesses
+    for (int l = 0; l < 32; ++l) {
+      for (const Access& a : lanes[l].log) {
+        auto& per_lane = by_site[a.site];
+        per_lane.resize(32);
+        per_lane[l].push_back(&a);
+      }
+    }
+    for (const auto& [site, per_lane] : by_site) {
+      size_t most = 0;
+      for (const auto& v : per_lane) most = std::max(most, v.size());
+      for (size_t k = 0; k < most; ++k) {
+        for (int l = 0; l < 32; ++l) {
+          const bool has = k < per_lane[l].size();
+          offsets[l] = has ? per_lane[l][k]->offset : 0;
+          bytes[l] = has ? per_lane[l][k]->bytes : 0;
+        }
+        account(site.c_str(), offsets, bytes, 32);
+      }
+    }
+  }
   for (int l = 0; l < 32; ++l) lanes[l].log.clear();
 }
 
