@@ -74,17 +74,17 @@ def _forward_case(x, codes, lut, bias, *, bits, groups, block_m, splits, regs, s
 # (decode, token tile, K splits, M, N, K, groups): every decode at every token tile it has, K
 # split evenly and unevenly, rows past N (N not a multiple of 128), tokens past the tile, group
 # sizes of one K-step (a LUT refill every step) and of several. The direct decode's register ring
-# is 4 K-steps deep and its loop unrolled by 4: splits of 1, 2, 3, 4, 5 and 9 steps cover a ring
-# never filled, filled exactly, and a partly used last round.
+# (16-token tiles only) is 4 K-steps deep, its loop unrolled by 4: splits of 1 to 5, 9 and 64
+# steps cover a ring never filled, filled exactly, and a partly used last round.
 FORWARD_CONFIGS = [
     ("regs", 16, 1, 1, 136, 256, 2),
     ("regs", 16, 2, 16, 128, 192, 3),
     ("regs", 32, 3, 20, 72, 512, 1),
     ("direct", 16, 1, 1, 136, 256, 2),
     ("direct", 16, 2, 16, 128, 192, 3),
-    ("direct", 32, 3, 20, 72, 512, 1),
+    ("direct", 16, 3, 14, 72, 512, 1),
     ("direct", 16, 2, 3, 264, 576, 3),
-    ("direct", 32, 1, 25, 130, 576, 1),
+    ("direct", 16, 1, 9, 130, 576, 1),
     ("tile", 16, 1, 5, 136, 256, 4),
     ("tile", 32, 2, 32, 200, 256, 2),
     ("tile", 64, 1, 50, 136, 192, 3),
@@ -93,13 +93,13 @@ FORWARD_CONFIGS = [
     ("regs", 16, 4, 1, 200, 1024, 4),
     ("regs", 32, 1, 32, 96, 4096, 64),
     ("direct", 16, 4, 1, 200, 1024, 4),
-    ("direct", 32, 1, 32, 96, 4096, 64),
+    ("direct", 16, 1, 16, 96, 4096, 64),
     ("tile", 64, 2, 33, 96, 4096, 64),
     ("tile", 128, 1, 130, 256, 192, 3),
 ]
 
 
-@pytest.mark.parametrize("decode,block_m", [("regs", 16), ("direct", 32), ("tile", 32)])
+@pytest.mark.parametrize("decode,block_m", [("regs", 16), ("direct", 16), ("tile", 32)])
 @pytest.mark.parametrize("act", HALF, ids=str)
 @pytest.mark.parametrize("lut_dtype", LUT_DTYPES, ids=str)
 def test_mma_forward_every_dtype_pair(decode, block_m, act, lut_dtype):
@@ -151,7 +151,7 @@ LOWRANK_CONFIGS = [
     ("t", "tile", 64, 2, 40, 33, "contiguous", torch.float32),
     ("l1", "regs", 16, 2, 1, 33, "contiguous", torch.bfloat16),
     ("l1", "regs", 32, 3, 20, 70, "transposed", torch.float32),
-    ("t", "direct", 32, 2, 20, 16, "contiguous", torch.float32),
+    ("t", "direct", 16, 2, 20, 16, "contiguous", torch.float32),
     ("l1", "direct", 16, 2, 1, 33, "transposed", torch.float16),
     ("l1", "tile", 16, 2, 5, 1, "transposed", torch.float16),
     ("l1", "tile", 32, 2, 30, 64, "contiguous", torch.bfloat16),
@@ -194,7 +194,7 @@ def test_mma_lowrank_matches_reference(config):
     _assert_elementwise(y, ref, f"low-rank {t_mode}")
 
 
-@pytest.mark.parametrize("decode,block_m,splits", [("regs", 16, 1), ("regs", 32, 2), ("direct", 16, 2), ("direct", 32, 1),
+@pytest.mark.parametrize("decode,block_m,splits", [("regs", 16, 1), ("regs", 32, 2), ("direct", 16, 2), ("direct", 16, 1),
                                                         ("tile", 16, 2), ("tile", 64, 1)])
 def test_mma_multi_adapter_segments(decode, block_m, splits):
     n, k, bits, groups, adapters = 136, 256, 4, 2, 4
@@ -427,7 +427,7 @@ def test_dispatch_backward_plans_run(device, m):
 # written row after row, which wraps onto used banks: two wavefronts per request where one would do
 # (csrc/cuda/README.md).
 @pytest.mark.parametrize("bits", (2, 3, 4))
-@pytest.mark.parametrize("kernel", ["regs16", "regs32", "direct16", "direct32", "tile16", "tile64", "tile128", "dx32",
+@pytest.mark.parametrize("kernel", ["regs16", "regs32", "direct16", "tile16", "tile64", "tile128", "dx32",
                                     "dx128", "grad"])
 def test_shared_memory_accesses_are_conflict_free(bits, kernel):
     codes, lut = make_sketch(256, 256, bits, 2, mode="random", seed=bits)

@@ -51,10 +51,10 @@ def _run(path: str, x, codes, lut, bias=None):
     # one group, a long K with many groups
     ("mma_regs", 1, 200, 1024, 4), ("mma_regs", 7, 128, 256, 1), ("mma_regs", 16, 1000, 512, 8),
     ("mma_regs", 17, 130, 128, 2), ("mma_regs", 32, 96, 4096, 64), ("mma_regs", 3, 256, 192, 3),
-    # codes in registers: its 4-deep register ring full, partly used (K-steps per split not a
-    # multiple of 4) and never filled
+    # codes in registers (16-token tiles, M <= 16): its 4-deep register ring full, partly used
+    # (K-steps per split not a multiple of 4) and never filled
     ("mma_regs_direct", 1, 200, 1024, 4), ("mma_regs_direct", 5, 264, 576, 3),
-    ("mma_regs_direct", 16, 1000, 512, 8), ("mma_regs_direct", 30, 96, 4096, 64),
+    ("mma_regs_direct", 16, 1000, 512, 8), ("mma_regs_direct", 16, 96, 4096, 64),
     ("mma_regs_direct", 2, 130, 192, 1)])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 def test_mma_matches_reference(bits, act_dtype, lut_dtype, path, m, n, k, groups, with_bias):

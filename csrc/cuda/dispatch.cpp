@@ -6,9 +6,9 @@
 //     (the tile variant adds a store and an ldmatrix read: ~1/15 clock per weight and SM against
 //     the ~1/26 at which 4-bit codes stream in from HBM), so the small-M calls stay memory-bound.
 //     Up to kDirectMaxTokens its codes skip shared memory too (mma_regs_direct): at M = 1 that is
-//     44 -> 36 bank wavefronts per 1024 weights, a shared-memory ceiling of ~98 % of HBM's code rate
-//     instead of ~81 % (bench/smem_traffic.py); above 16 tokens x and the lookups dominate and the
-//     ring keeps the bytes in flight out of the 32-token tile's full register file.
+//     42 -> 34 bank wavefronts per 1024 weights, a shared-memory ceiling of ~104 % of HBM's 4-bit
+//     code rate instead of ~84 % (bench/smem_traffic.py); the 32-token tile has no registers left
+//     for a code ring, so 17..32 tokens keep the shared-memory one.
 //   * M <= kMmaMaxTokens, bf16/fp16, aligned shapes: the fused mma kernel. Up to M ~ 64-128 the
 //     call is bound by reading the codes (4-bit: a quarter of bf16's bytes), which only a fused
 //     kernel exploits; decode_gemm would write and re-read a bf16 W (4.5x the codes' traffic).
@@ -27,7 +27,7 @@ namespace {
 constexpr int64_t kMmaMaxTokens = 512;     // MEASURE: crossover of mma and decode_gemm
 constexpr int64_t kDecodeMinTokens = 32;   // MEASURE: below this, simple beats decode + GEMM
 constexpr int64_t kRegsMaxTokens = 32;     // MEASURE: crossover of mma_regs and mma (32: its largest tile)
-constexpr int64_t kDirectMaxTokens = 16;   // MEASURE: mma_regs_direct up to here, mma_regs above
+constexpr int64_t kDirectMaxTokens = 16;   // MEASURE: mma_regs_direct up to here (16: its one tile)
 constexpr int64_t kTileN = 128;            // rows of W per mma block (lut_mma.cu's kBlockN)
 constexpr int64_t kTileK = 64;             // columns per mma K-step (lut_mma.cu's kBlockK)
 constexpr int kMaxSplits = 32;
@@ -238,7 +238,7 @@ Plan plan_gemm(const LutProblem& p, const DeviceInfo& d, bool regs_ok, bool mma_
       if (regs_ok) return mma_regs_plan(p, d, "forced: mma_regs");
       break;
     case Path::MmaRegsDirect:
-      if (regs_ok) return mma_regs_plan(p, d, "forced: mma_regs_direct", Path::MmaRegsDirect);
+      if (regs_ok && p.M <= 16) return mma_regs_plan(p, d, "forced: mma_regs_direct", Path::MmaRegsDirect);
       break;
     case Path::DecodeGemm:
       if (dec_ok) return decode_plan("forced: decode_gemm");

@@ -9,7 +9,7 @@
 //   mma_regs     lut_mma.cu's small-M variant (M <= 32): each lane decodes its own mma fragments
 //                into registers, so the W tile never makes a round trip through shared memory.
 //   mma_regs_direct  the same with each lane's codes loaded from global memory straight into
-//                registers (no shared-memory code ring).
+//                registers (no shared-memory code ring); 16-token tiles, M <= 16.
 //   decode_gemm  lut_decode_fast.cu decodes W once into a workspace in the activation dtype, then
 //                cuBLAS multiplies (the "official SketchTune" strategy, done with a fast decoder).
 //                Compute-bound calls (large M) amortize the decode; fp32 gets cuBLAS's fp32 GEMM.
@@ -57,7 +57,7 @@ struct Plan {
 // `why` says what rules it out.
 bool mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why);
 // mma_supports plus the register variants' own needs (M <= 32, 16-byte aligned codes); both
-// mma_regs and mma_regs_direct run wherever this holds.
+// mma_regs and (for M <= 16) mma_regs_direct run wherever this holds.
 bool mma_regs_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why);
 bool fast_decode_supports(const LutProblem& p, uintptr_t codes_ptr, uintptr_t out_ptr, const char** why);
 

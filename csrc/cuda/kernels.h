@@ -85,8 +85,9 @@ struct Segments {
 // How lut_linear_mma runs: tokens per block tile, K split across blocks, and the decode (dispatch.cpp
 // fills it from a Plan). regs = false: W tiles decoded into shared memory, block_m in
 // {16, 32, 64, 128}; regs = true: every lane decodes its own mma fragments into registers,
-// block_m in {16, 32}, codes 16-byte aligned; with codes_direct (regs only) those lanes load their
-// codes from global memory straight into registers instead of through a shared-memory ring.
+// block_m in {16, 32}, codes 16-byte aligned; with codes_direct (regs and block_m 16 only) those
+// lanes load their codes from global memory straight into registers instead of through a
+// shared-memory ring.
 struct MmaConfig {
   int block_m = 16;
   int splits = 1;

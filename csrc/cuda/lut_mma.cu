@@ -52,7 +52,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 
 #include "codes.h"
 #include "cuda/dtype.cuh"
@@ -471,21 +470,25 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
 // Where a lane's codes come from (DIRECT, MmaConfig::codes_direct):
 //   false: a cp.async ring of code tiles in shared memory, as the tile kernel has; each lane then
 //          reads its two rows' pieces back (lane_codes).
-//   true:  straight from global memory into a ring of kCodeRegStages registers sets, loaded that
+//   true:  straight from global memory into a ring of kCodeRegStages register sets, loaded that
 //          many K-steps ahead with 8-byte (4-bit) / 4-byte loads. The 4 lanes of a row read one
 //          32-byte sector between them (24 bytes of one for 3-bit), so HBM sees the same full
 //          sectors; what goes away is the code tile's round trip through shared memory: its
 //          cp.async write and the lane_codes read, 8 of the 44 bank wavefronts per 1024 weights
 //          at M = 1 (bench/smem_traffic.py), and 16 KB of shared memory per block. The price: the
 //          main loop is unrolled by the ring depth (a register array needs constant indices) and
-//          the bytes in flight are the ring's (kCodeRegStages x 512 bytes per warp, 4-bit), where
+//          the bytes in flight are the ring's (ring depth x 512 bytes per warp, 4-bit), where
 //          cp.async keeps them out of the register file.
 
+// Only the 16-token tile has the registers for a ring (ptxas, sm_90a: 128 with a 4-deep ring and
+// no spills; the 32-token tile spilled even with a 2-deep one), and only there does the code tile's
+// share of shared-memory traffic matter (at M = 1: 8 of 42 wavefronts per 1024 weights).
 constexpr int kCodeRegStages = 4;
 
 template <int BITS, int BM, bool DIRECT = false>
 struct RegsSmem {
   static_assert(BM == 16 || BM == 32, "every warp owns 16 rows and all tokens");
+  static_assert(!DIRECT || BM == 16, "codes in registers: 16-token tiles only");
   static constexpr int kStages = 4;
   static constexpr int kEntries = 1 << BITS;
   static constexpr int kCodeRowBytes = kBlockK * BITS / 8;  // 32 / 24 / 16 bytes per row and K-step
@@ -600,11 +603,12 @@ lut_mma_regs_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __rest
   };
 
   // DIRECT: the register ring, slot r holding the raw pieces of rows g and g + 8 for K-step
-  // it with it % kCodeRegStages == r.
+  // it with it % kRing == r.
   const int64_t row0 = b.n0 + warp * 16 + g;
   const uint8_t* const code_row0 = codes + row0 * p.row_bytes;
   const uint8_t* const code_row1 = code_row0 + 8 * p.row_bytes;
-  uint32_t code_ring[DIRECT ? kCodeRegStages : 1][2][P::kWords];
+  constexpr int kRing = DIRECT ? kCodeRegStages : 1;
+  uint32_t code_ring[kRing][2][P::kWords];
   auto fetch_codes = [&](uint32_t (&slot)[2][P::kWords], int64_t step) {
     lane_codes_global<BITS>(code_row0 + step * S::kCodeRowBytes, row0 < p.N, t, slot[0]);
     lane_codes_global<BITS>(code_row1 + step * S::kCodeRowBytes, row0 + 8 < p.N, t, slot[1]);
@@ -679,7 +683,7 @@ lut_mma_regs_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __rest
     if constexpr (DIRECT) {
       P::codes(code_ring[r][0], t, w0);
       P::codes(code_ring[r][1], t, w1);
-      if (it + kCodeRegStages < b.nsteps) fetch_codes(code_ring[r], k_step + kCodeRegStages);
+      if (it + kRing < b.nsteps) fetch_codes(code_ring[r], k_step + kRing);
     } else {
       const uint8_t* rows = code_tile(stage) + (warp * 16 + g) * S::kCodeRowBytes;
       lane_codes<BITS>(rows, t, w0);
@@ -694,7 +698,7 @@ lut_mma_regs_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __rest
   ring_prologue<S::kStages>(b.nsteps, b.step_begin, load_stage);
   if constexpr (DIRECT) {
 #pragma unroll
-    for (int r = 0; r < kCodeRegStages; ++r) {
+    for (int r = 0; r < kRing; ++r) {
       if (r < b.nsteps) fetch_codes(code_ring[r], b.step_begin + r);
     }
   }
@@ -703,7 +707,7 @@ lut_mma_regs_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __rest
     store_luts();
   }
   // DIRECT unrolls the loop by the ring depth, so every code_ring index is a constant.
-  constexpr int kUnroll = DIRECT ? kCodeRegStages : 1;
+  constexpr int kUnroll = kRing;
   for (int it0 = 0; it0 < b.nsteps; it0 += kUnroll) {
 #pragma unroll
     for (int r = 0; r < kUnroll; ++r) {
@@ -757,16 +761,17 @@ template <int BITS, typename A>
 cudaError_t launch_config(int block_m, int decode, const LutProblem& p, const A* x, const uint8_t* codes,
                           const void* lut, DType lut_type, const A* bias, A* y, int splits, float* workspace,
                           const LowRank& lr, const Segments& seg, cudaStream_t stream) {
-  auto regs = [&](auto direct) -> cudaError_t {
-    constexpr int kDecode = decltype(direct)::value ? 2 : 1;
+  if (decode == 2) {
+    if (block_m != 16) return cudaErrorInvalidValue;
+    return launch<BITS, A, 16, 2>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
+  }
+  if (decode == 1) {
     switch (block_m) {
-      case 16: return launch<BITS, A, 16, kDecode>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
-      case 32: return launch<BITS, A, 32, kDecode>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
+      case 16: return launch<BITS, A, 16, 1>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
+      case 32: return launch<BITS, A, 32, 1>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
       default: return cudaErrorInvalidValue;
     }
-  };
-  if (decode == 1) return regs(std::false_type{});
-  if (decode == 2) return regs(std::true_type{});
+  }
   switch (block_m) {
     case 16: return launch<BITS, A, 16, 0>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
     case 32: return launch<BITS, A, 32, 0>(p, x, codes, lut, lut_type, bias, y, splits, workspace, lr, seg, stream);
@@ -780,9 +785,7 @@ cudaError_t launch_config(int block_m, int decode, const LutProblem& p, const A*
 
 int lut_mma_smem_bytes(int bits, int block_m, bool regs, bool codes_direct) {
   return SPALLM_DISPATCH_BITS(bits, [&]() -> int {
-    if (regs && codes_direct) {
-      return block_m == 16 ? RegsSmem<BITS, 16, true>::kBytes : block_m == 32 ? RegsSmem<BITS, 32, true>::kBytes : -1;
-    }
+    if (regs && codes_direct) return block_m == 16 ? RegsSmem<BITS, 16, true>::kBytes : -1;
     if (regs) return block_m == 16 ? RegsSmem<BITS, 16>::kBytes : block_m == 32 ? RegsSmem<BITS, 32>::kBytes : -1;
     return smem_bytes_for<Smem, BITS>(block_m);
   });

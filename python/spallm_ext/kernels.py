@@ -6,7 +6,7 @@ The automatic choice (csrc/cuda/dispatch.cpp) picks, per call, between
 * ``"mma_regs"``: its small-M variant (M <= 32), each lane decoding its own mma fragments in
   registers (the default for 16 < M <= 32),
 * ``"mma_regs_direct"``: the same with each lane's codes loaded from global memory straight into
-  registers rather than through a shared-memory ring (the default for M <= 16),
+  registers rather than through a shared-memory ring (M <= 16, and the default there),
 * ``"decode_gemm"``: decode W once into the activation dtype, then cuBLAS (large M, fp32),
 * ``"simple"``: the exact CUDA-core kernels (any dtype and shape).
 
