@@ -42,8 +42,7 @@ def main() -> None:
     cases, meta = [], []
     for bits in (4, 3, 2):
         codes, lut = random_sketch(n, k, bits, groups, "cpu")
-        for decode, block_m in (("regs", 16), ("regs", 32), ("direct", 16), ("direct", 32), ("tile", 16), ("tile", 32),
-                                ("tile", 64)):
+        for decode, block_m in (("regs", 16), ("regs", 32), ("direct", 16), ("tile", 16), ("tile", 32), ("tile", 64)):
             for m in sorted({1, block_m}):
                 x = torch.randn(m, k, dtype=torch.bfloat16)
                 ints = dict(M=m, N=n, K=k, G=groups, row_bytes=codes.shape[1], bits=bits, act=2, lut_type=0,
