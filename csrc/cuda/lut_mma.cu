@@ -474,7 +474,7 @@ lut_mma_kernel(LutProblem p, const A* __restrict__ x, const uint8_t* __restrict_
 //          many K-steps ahead with 8-byte (4-bit) / 4-byte loads. The 4 lanes of a row read one
 //          32-byte sector between them (24 bytes of one for 3-bit), so HBM sees the same full
 //          sectors; what goes away is the code tile's round trip through shared memory: its
-//          cp.async write and the lane_codes read, 8 of the 44 bank wavefronts per 1024 weights
+//          cp.async write and the lane_codes read, 8 of the 42 bank wavefronts per 1024 weights
 //          at M = 1 (bench/smem_traffic.py), and 16 KB of shared memory per block. The price: the
 //          main loop is unrolled by the ring depth (a register array needs constant indices) and
 //          the bytes in flight are the ring's (ring depth x 512 bytes per warp, 4-bit), where
