@@ -156,7 +156,7 @@ bool mma_regs_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo&
   const char* no = nullptr;
   if (p.M > kRegsMaxTokens) no = "mma_regs needs M <= 32";
   else if (c.codes_ptr % 16 != 0) no = "mma_regs needs 16-byte aligned codes";
-  // (The code ring's variant needs the most shared memory; mma_regs_direct runs wherever it does.)
+  // (lut_mma_smem_bytes gives the code ring's variant, the larger: mma_regs_direct fits wherever it does.)
   else if (!fits(lut_mma_smem_bytes(p.bits, p.M <= 16 ? 16 : 32, true), d)) no = "mma_regs: shared memory";
   if (why != nullptr && no != nullptr) *why = no;
   return no == nullptr;

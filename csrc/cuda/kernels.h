@@ -105,7 +105,7 @@ cudaError_t lut_linear_mma(const LutProblem& p, const void* x, DType act_type, c
 
 // Dynamic shared memory of one block of each tensor-core kernel, so that dispatch can keep within
 // the device's per-block limit (99 KB on sm_86 / sm_89 / sm_120, 227 KB on sm_90).
-int lut_mma_smem_bytes(int bits, int block_m, bool regs, bool codes_direct = false);
+int lut_mma_smem_bytes(int bits, int block_m, bool regs);
 int lut_dx_mma_smem_bytes(int bits, int block_m);
 int lut_grad_mma_smem_bytes(int bits);
 

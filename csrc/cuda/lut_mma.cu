@@ -783,9 +783,10 @@ cudaError_t launch_config(int block_m, int decode, const LutProblem& p, const A*
 
 }  // namespace
 
-int lut_mma_smem_bytes(int bits, int block_m, bool regs, bool codes_direct) {
+// The register decode's figure is its code-ring variant's, the larger of the two (mma_regs_direct
+// has no code tiles), so one check covers both.
+int lut_mma_smem_bytes(int bits, int block_m, bool regs) {
   return SPALLM_DISPATCH_BITS(bits, [&]() -> int {
-    if (regs && codes_direct) return block_m == 16 ? RegsSmem<BITS, 16, true>::kBytes : -1;
     if (regs) return block_m == 16 ? RegsSmem<BITS, 16>::kBytes : block_m == 32 ? RegsSmem<BITS, 32>::kBytes : -1;
     return smem_bytes_for<Smem, BITS>(block_m);
   });
