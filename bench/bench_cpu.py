@@ -7,9 +7,9 @@ with groups_per_row 1 and 4, 3- and 2-bit with 4, as fp32 models (x and LUT fp32
 as bf16 models (x and LUT bf16, what model.to(torch.bfloat16) gives). Rows:
 
 * ``spallm``: the automatic CPU path (``cpu_path`` says which ran: "avx512_gemv" / "avx2_gemv"
-  decode W in registers straight into FMAs up to 64 / 16 tokens, "avx512bf16_gemv" does the same on
-  bf16 dot products for bf16 models up to 20 tokens (AVX512-BF16), "bf16_tiles" decodes bf16 tiles
-  of W for torch's bf16 matmul (bf16 models from 21 / 16 / 8 tokens on, where the CPU multiplies
+  decode W in registers straight into FMAs up to 4096 / 16 tokens, "avx512bf16_gemv" does the same
+  on bf16 dot products for bf16 models up to 32 tokens (AVX512-BF16), "bf16_tiles" decodes bf16 tiles
+  of W for torch's bf16 matmul (bf16 models from 33 / 16 / 8 tokens on, where the CPU multiplies
   bf16 natively), "avx512_tiles" / "avx2_tiles" / "portable_tiles" decode fp32 tiles of W for BLAS),
 * ``spallm_bf16`` (bf16 models): the bf16 tiles forced, with the fp32 pass below their threshold,
 * ``spallm_avx512``, ``spallm_avx2``, ``spallm_portable``: that path forced (fp32 work: the vector

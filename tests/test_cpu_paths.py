@@ -1,6 +1,6 @@
 """The CPU paths (csrc/cpu/lut_ops_cpu.cpp): "portable" (scalar decode + BLAS), "avx2" (vector
 decode; a fused in-register pass up to 16 tokens), "avx512" (the same, 16 codes per step, fused
-up to 64 tokens) and "bf16" (as "auto", plus bf16 tiles for bf16 models), each against the
+up to 4096 tokens) and "bf16" (as "auto", plus bf16 tiles for bf16 models), each against the
 reference, against each other, and the choice itself. "avx2" and "bf16" run wherever the CPU has
 AVX2 (CI's x86 machines do), "avx512" where it has AVX-512F; elsewhere the tests check that asking
 for them fails clearly and that the next path down is used."""
@@ -27,8 +27,11 @@ AUTO_BF16 = (bool(spallm_ext.build_info()["cpu_bf16"]) and torch.backends.mkldnn
 VECTOR_SHAPES = [(4, 1, 8), (4, 4, 64), (4, 2, 512), (3, 1, 8), (3, 8, 128), (3, 1, 256),
                  (2, 2, 16), (2, 4, 256), (2, 1, 64)]
 # every token count of the fused pass's blocking (AVX2: 4-token blocks plus a 1-3 token tail; AVX-512:
-# 8-token blocks plus 1-7) and past its limits (16 tokens AVX2, 64 AVX-512)
+# 8-token blocks plus 1-7, several blocks over each 32-row chunk) and past AVX2's limit of 16 tokens
+# (AVX-512's, 4096, has its own test)
 TOKENS = [1, 2, 3, 4, 5, 6, 7, 8, 13, 16, 17, 40, 64, 65]
+GEMV_MAX_TOKENS = {"avx2": 16, "avx512": 4096}
+BF16_GEMV_MAX_TOKENS = 32
 
 
 @pytest.fixture(autouse=True)
@@ -53,12 +56,12 @@ def expected_plan(path: str, m: int, group_size: int, acc: torch.dtype, x_dtype:
     if isa is None or acc != torch.float32:
         return "portable_tiles"
     bf16_dot = path == "avx512bf16" or (path == "auto" and HAS_AVX512BF16)
-    if forward and bf16_dot and x_dtype == torch.bfloat16 and 1 <= m <= 20 and group_size % 32 == 0:
+    if forward and bf16_dot and x_dtype == torch.bfloat16 and 1 <= m <= BF16_GEMV_MAX_TOKENS and group_size % 32 == 0:
         return "avx512bf16_gemv"
     bf16_tiles = path == "bf16" or (path == "auto" and AUTO_BF16)
     if bf16_tiles and m >= (16 if isa == "avx512" else 8) and x_dtype == torch.bfloat16:
         return "bf16_tiles"
-    return f"{isa}_gemv" if m <= (64 if isa == "avx512" else 16) else f"{isa}_tiles"
+    return f"{isa}_gemv" if m <= GEMV_MAX_TOKENS[isa] else f"{isa}_tiles"
 
 
 def lut_as_run(lut: torch.Tensor, plan: str) -> torch.Tensor:
@@ -128,11 +131,11 @@ def test_auto_is_the_best_path_this_cpu_has():
     codes8, lut8 = make_sketch(8, 64, 4, 8)
     spallm_ext.lut_linear(randn(3, 64), codes8, lut8)
     assert kernels.last_cpu_plan() == ("avx2_gemv" if HAS_AVX2 else "portable_tiles")
-    # A bf16 model: where this CPU multiplies bf16 natively, the bf16 dot-product pass up to 20
+    # A bf16 model: where this CPU multiplies bf16 natively, the bf16 dot-product pass up to 32
     # tokens (AVX512-BF16), then bf16 tiles (from 8 tokens beside AVX2, 16 beside AVX-512 without
     # the dot products).
     lut16 = lut.bfloat16()
-    first = 21 if HAS_AVX512BF16 else 16 if HAS_AVX512 else 8
+    first = BF16_GEMV_MAX_TOKENS + 1 if HAS_AVX512BF16 else 16 if HAS_AVX512 else 8
     small = "avx512bf16_gemv" if HAS_AVX512BF16 else gemv
     spallm_ext.lut_linear(randn(first - 1, 64, dtype=torch.bfloat16), codes, lut16)
     assert kernels.last_cpu_plan() == small
@@ -164,6 +167,21 @@ def test_lut_linear_matches_reference(path, bits, groups, k, m):
     assert torch.equal(spallm_ext.lut_decode(codes, lut), reference.lut_decode(codes, lut))
 
 
+@pytest.mark.skipif(not HAS_AVX512, reason="the AVX-512 pass's limit; AVX2's (16 tokens) is in TOKENS")
+@pytest.mark.parametrize("m", [40, 4096, 4097], ids=lambda m: f"m{m}")
+def test_avx512_pass_row_chunks_and_token_limit(m):
+    """70 rows: two 32-row chunks and a 6-row one (two-row groups), each passed over by every
+    8-token block; up to 4096 tokens the fused pass runs, one more takes the tiles."""
+    n, k = 70, 64
+    codes, lut = make_sketch(n, k, 4, 2, seed=m)
+    x, bias = randn(m, k, seed=m + 1), randn(n, seed=m + 2)
+    kernels.set_cpu_kernel("avx512")
+    y = spallm_ext.lut_linear(x, codes, lut, bias)
+    assert kernels.last_cpu_plan() == expected_plan("avx512", m, k // 2, torch.float32)
+    assert kernels.last_cpu_plan() == ("avx512_gemv" if m <= 4096 else "avx512_tiles")
+    assert_close_rel(y, reference.lut_linear(x, codes, lut, bias))
+
+
 # The bf16 dot-product pass (AVX512-BF16): group sizes 32 (one step per group), 64 and 256, every
 # token count of its 8-token blocks and tails up to its limit and one past it, 13 rows (the
 # two-row blocks and a single-row tail), every bit width, LUT in fp32 (rounded to bf16 once) and bf16.
@@ -171,7 +189,7 @@ BF16_DOT_SHAPES = [(4, 2, 64), (4, 1, 64), (3, 4, 256), (3, 1, 256), (2, 8, 256)
 
 
 @pytest.mark.parametrize("bits,groups,k", BF16_DOT_SHAPES, ids=[f"b{b}-g{g}-k{k}" for b, g, k in BF16_DOT_SHAPES])
-@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 9, 15, 16, 20, 21], ids=lambda m: f"m{m}")
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 9, 15, 16, 20, 32, 33], ids=lambda m: f"m{m}")
 @pytest.mark.parametrize("lut_dtype", [torch.float32, torch.bfloat16], ids=["lut32", "lut16b"])
 def test_bf16_dot_pass(bits, groups, k, m, lut_dtype):
     n = 13
@@ -182,7 +200,7 @@ def test_bf16_dot_pass(bits, groups, k, m, lut_dtype):
     y = spallm_ext.lut_linear(x, codes, lut, bias)
     plan = expected_plan(path, m, k // groups, torch.float32, torch.bfloat16)
     assert kernels.last_cpu_plan() == plan
-    assert plan == "avx512bf16_gemv" or not HAS_AVX512BF16 or m > 20
+    assert plan == "avx512bf16_gemv" or not HAS_AVX512BF16 or m > BF16_GEMV_MAX_TOKENS
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     assert_one_bf16_rounding(y, x, codes, lut_as_run(lut, plan), bias)
     # the same sums as the fp32 pass on the rounded LUT, up to fp32 summation order

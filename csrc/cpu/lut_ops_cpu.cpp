@@ -46,19 +46,22 @@ constexpr int64_t kTileElems = int64_t(1) << 20;
 // The CPU dispatch rules, measured on 4096 x 4096 and 11008 x 4096 (3- and 4-bit, G = 4) with the
 // 2-core AVX-512 + AVX512-BF16 machine of bench/results/cpu_lut_linear.json:
 // * Up to gemv_max_tokens tokens the fused vector pass beats decode + BLAS. With AVX2 the
-//   crossover is about 24 tokens; the AVX-512 pass, sixteen weights per lookup and two rows per
-//   x load, still wins at 64 tokens (9.3 vs 13.7 ms on 4096 x 4096) and breaks even near 128.
+//   crossover is about 24 tokens. The AVX-512 pass (sixteen weights per lookup, two rows per x
+//   load, token blocks inside row chunks so a block's x is read from L2 once per chunk) keeps
+//   about 0.11 ms per token on 4096 x 4096 4-bit from 8 tokens on and beats decode + BLAS at
+//   every size measured: 7.1 vs 13.7 ms at 64 tokens, 14.9 vs 24.4 at 128, 128 vs 184 at 1024,
+//   592 vs 735 at 4096 (3-bit: 41.6 vs 46.2 at 256), so it serves everything up to 4096.
 // * From bf16_min_tokens tokens a bf16 model takes the bf16 tiles instead (where they apply):
 //   decoding all of W once per call then costs less than the register pass's fp32 FMAs. The
 //   crossover is 6 to 8 tokens against the AVX2 pass, 12 to 16 against the AVX-512 one.
-int64_t gemv_max_tokens(const cpu::VectorKernels& vec) { return vec.width >= 16 ? 64 : 16; }
+int64_t gemv_max_tokens(const cpu::VectorKernels& vec) { return vec.width >= 16 ? 4096 : 16; }
 int64_t bf16_min_tokens(const cpu::VectorKernels& vec) { return vec.width >= 16 ? 16 : 8; }
 
 // Up to this many tokens a bf16 model on an AVX512-BF16 CPU takes the fused pass on bf16 dot
 // products (avx512bf16_gemv) instead of the fp32 pass or the bf16 tiles: on 4096 x 4096 (4-bit,
-// G = 4) 0.48 ms at 8 tokens (fp32 pass 0.89, dense bf16 matmul 1.10), 1.43 ms at 20 (bf16 tiles
-// 1.73), 1.90 at 24 (tiles 1.78), 2.56 at 32 (tiles 2.27).
-constexpr int64_t kBf16GemvMaxTokens = 20;
+// G = 4) 0.48 ms at 8 tokens (fp32 pass 0.89, dense bf16 matmul 1.10), 1.6 ms at 24 (bf16 tiles
+// 2.3-2.7), 2.1 at 32 (tiles 2.5-2.9), even at 40 (3.4 vs 3.3), behind from 48 (3.8 vs 3.6).
+constexpr int64_t kBf16GemvMaxTokens = 32;
 
 enum class CpuPath { kAuto, kPortable, kAvx2, kAvx512, kBf16, kAvx512Bf16 };
 std::atomic<CpuPath> g_cpu_path{CpuPath::kAuto};

@@ -125,21 +125,24 @@ SPALLM_VEC_FN void gemv_tokens(const spallm::cpu::CodeRows& w, const typename V:
   }
 }
 
-// y[m * N + r] = sum_c x[m * K + c] W[r, c] for rows r0 <= r < r1 and all M tokens: V::kRows rows
-// at a time (the rest one by one), each against the tokens in blocks of V::kBlock, so the rows'
-// codes stay in L1 while every token block passes over them.
+// y[m * N + r] = sum_c x[m * K + c] W[r, c] for rows r0 <= r < r1 and all M tokens. Rows go in
+// chunks of kRowChunk; inside a chunk every block of V::kBlock tokens passes over the chunk's rows,
+// V::kRows at a time (the rest one by one). A token block's x (8 x 4096 fp32 = 128 KB) does not fit
+// L1, so it is read from L2 once per row group: with the token loop inside a row group's loop, that
+// was once per V::kRows rows for every token block; with the chunk outside, it is once per chunk
+// row group, while the chunk's codes (32 rows x 2 KB at 4096 4-bit columns) stay in L2 for the
+// repeated decodes.
 template <class V, int BITS>
 SPALLM_VEC_FN void gemv_rows(const spallm::cpu::CodeRows& w, const typename V::XElem* x, int64_t M, int64_t r0,
                              int64_t r1, float* y) {
-  int64_t r = r0;
-  for (; r + V::kRows <= r1; r += V::kRows) {
+  const int64_t chunk = M <= V::kBlock ? r1 - r0 : 32;  // one token block: nothing to re-read
+  for (int64_t c0 = r0; c0 < r1; c0 += chunk) {
+    const int64_t c1 = std::min(r1, c0 + chunk);
     for (int64_t m = 0; m < M; m += V::kBlock) {
-      gemv_tokens<V, BITS, V::kRows>(w, x + m * w.K, std::min<int64_t>(V::kBlock, M - m), r, y + m * w.N + r);
-    }
-  }
-  for (; r < r1; ++r) {
-    for (int64_t m = 0; m < M; m += V::kBlock) {
-      gemv_tokens<V, BITS, 1>(w, x + m * w.K, std::min<int64_t>(V::kBlock, M - m), r, y + m * w.N + r);
+      const int64_t tb = std::min<int64_t>(V::kBlock, M - m);
+      int64_t r = c0;
+      for (; r + V::kRows <= c1; r += V::kRows) gemv_tokens<V, BITS, V::kRows>(w, x + m * w.K, tb, r, y + m * w.N + r);
+      for (; r < c1; ++r) gemv_tokens<V, BITS, 1>(w, x + m * w.K, tb, r, y + m * w.N + r);
     }
   }
 }
