@@ -47,7 +47,7 @@ constexpr int64_t kTileElems = int64_t(1) << 20;
 // 2-core AVX-512 + AVX512-BF16 machine of bench/results/cpu_lut_linear.json:
 // * Up to gemv_max_tokens tokens the fused vector pass beats decode + BLAS. With AVX2 the
 //   crossover is about 24 tokens. The AVX-512 pass (sixteen weights per lookup, two rows per x
-//   load, token blocks inside row chunks so a block's x is read from L2 once per chunk) keeps
+//   load, token blocks inside 32-row chunks so a row group's x sweep stays in L2) keeps
 //   about 0.11 ms per token on 4096 x 4096 4-bit from 8 tokens on and beats decode + BLAS at
 //   every size measured: 7.1 vs 13.7 ms at 64 tokens, 14.9 vs 24.4 at 128, 128 vs 184 at 1024,
 //   592 vs 735 at 4096 (3-bit: 41.6 vs 46.2 at 256), so it serves everything up to 4096.
