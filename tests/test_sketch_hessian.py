@@ -51,20 +51,27 @@ def test_refit_never_raises_output_error(seed, ef):
         assert (on.lut[..., 1:] >= on.lut[..., :-1]).all()
 
 
-def test_refit_is_the_least_squares_optimum():
-    """refit_lut solves min_l tr((W - A l) H (W - A l)^T) exactly: compare with a dense lstsq."""
-    w, h, _ = _problem(n=3, k=32, seed=3)
-    res = hessian_sketch(w, h, bits=2, groups_per_row=2, refit=False)
+@pytest.mark.parametrize("bits,groups,chunk_rows", [(2, 2, 3), (2, 4, 2), (3, 2, 1), (2, 1, 1)])
+def test_refit_is_the_least_squares_optimum(bits, groups, chunk_rows):
+    """refit_lut solves min_l tr((W - A l) H (W - A l)^T) exactly: compare with a dense lstsq per
+    row, also when the rows run in several chunks (max_chunk_bytes fits chunk_rows rows)."""
+    n, k = 5, 32
+    kk = 1 << bits
+    w, h, _ = _problem(n=n, k=k, seed=3)
+    res = hessian_sketch(w, h, bits=bits, groups_per_row=groups, refit=False)
     hd, wc, _ = prepare_hessian(h, w, 0.0)
-    new = refit_lut(wc.double().float(), res.codes, res.lut, hd, ridge=0.0)
+    new = refit_lut(wc.double().float(), res.codes, res.lut, hd, ridge=0.0,
+                    max_chunk_bytes=4 * k * groups * kk * chunk_rows)
     l_chol = torch.linalg.cholesky(hd.double())
-    for r in range(3):
-        a = torch.zeros(32, 8, dtype=torch.float64)
-        a[torch.arange(32), res.codes[r] + (torch.arange(32) // 16) * 4] = 1.0
-        # minimize ||L^T (w - A l)||^2
+    gs = k // groups
+    for r in range(n):
+        a = torch.zeros(k, groups * kk, dtype=torch.float64)
+        a[torch.arange(k), res.codes[r] + (torch.arange(k) // gs) * kk] = 1.0
+        # minimize ||L^T (w - A l)||^2; entries no weight uses keep their value
         used = a.sum(0) > 0
         sol = torch.linalg.lstsq(l_chol.t() @ a[:, used], l_chol.t() @ wc[r].double()).solution
         assert torch.allclose(new[r].reshape(-1).double()[used], sol, rtol=1e-3, atol=1e-5)
+        assert torch.equal(new[r].reshape(-1)[~used], res.lut[r].reshape(-1)[~used])
 
 
 def test_exact_when_few_distinct_values():

@@ -325,31 +325,48 @@ def refit_lut(weight: Tensor, codes: Tensor, lut: Tensor, hessian: Tensor, *,
     Ŵ_r = A_r l_r with A_r the one-hot [k, G*K] code matrix of row r and l_r its G*K LUT values,
     so each row solves the normal equations (A_r^T H A_r) l_r = A_r^T H w_r (size G*2^b, all
     groups of a row jointly because H couples them). Solved as an update d_r of the current LUT
-    with a tiny ridge, entries no weight uses keep their value. Rows are processed in chunks
-    with GEMMs (H @ one-hot) and batched solves: O(k^2 * n * G * 2^b) flops, GPU friendly."""
+    with a tiny ridge, entries no weight uses keep their value.
+
+    A_r is block diagonal: group g's columns only ever hit group g's K entries. So H A_r is built
+    group by group, H[:, cols of g] @ one-hot [gs, K] per row, as one GEMM per group and chunk of
+    rows: 2 k^2 K flops per row for any G (a dense [k, G*K] one-hot costs G times that, almost all
+    of it multiplying zeros). A_r^T (H A_r) sums the k rows of H A_r into the G*K entries, again
+    group by group ([K, gs] x [gs, G*K] per row, G times fewer flops than the
+    dense [G*K, k] x [k, G*K] product)."""
     n, k = weight.shape
     g, kk = lut.shape[1], lut.shape[2]
     gk = g * kk
     gs = k // g
-    offs = (torch.arange(k, device=codes.device) // gs) * kk
-    flat = codes + offs[None, :]                                   # [n, k] in [0, G*K)
     e_full = weight - _decode_groups(codes, lut)                   # [n, k]
     he_full = e_full @ hessian                                     # [n, k]
     new = lut.reshape(n, gk).clone()
+    # ho [m, k, G*K] fp32 is the chunk's largest buffer (the ho_g GEMM outputs are its size too)
     rows = max(1, min(n, max_chunk_bytes // max(1, 4 * k * gk)))
     hdiag_mean = float(hessian.diagonal().mean())
     eye = torch.eye(gk, device=weight.device, dtype=torch.float32)
+    h_cols = [hessian[:, j * gs:(j + 1) * gs] for j in range(g)]
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
-        fr = flat[r0:r1]
         m = r1 - r0
-        onehot = torch.zeros(m, k, gk, device=weight.device, dtype=torch.float32)
-        onehot.scatter_(2, fr[:, :, None], 1.0)
-        # H @ O_r for every row of the chunk as one GEMM: [k, k] x [k, m*gk]
-        ho = (hessian @ onehot.permute(1, 0, 2).reshape(k, m * gk)).reshape(k, m, gk).permute(1, 0, 2)
-        mat = torch.bmm(onehot.transpose(1, 2), ho)                  # [m, gk, gk]
-        rhs = torch.zeros(m, gk, device=weight.device, dtype=torch.float32)
-        rhs.scatter_add_(1, fr, he_full[r0:r1])                      # A_r^T H e_r
+        ho = torch.empty(m, k, gk, device=weight.device, dtype=torch.float32)
+        ohs = []
+        for j in range(g):
+            # one-hot of group j's codes, laid out [gs, m * K] so all rows share one GEMM
+            oh = torch.zeros(gs, m, kk, device=weight.device, dtype=torch.float32)
+            oh.scatter_(2, codes[r0:r1, j * gs:(j + 1) * gs].t()[:, :, None], 1.0)
+            ho[:, :, j * kk:(j + 1) * kk] = (h_cols[j] @ oh.reshape(gs, m * kk)).reshape(k, m, kk).transpose(0, 1)
+            ohs.append(oh.permute(1, 2, 0))                          # [m, K, gs]: A_r^T of group j
+        # Block row j of A_r^T (H A_r) and of A_r^T H e_r: group j's one-hot against its own
+        # columns. Batched GEMMs rather than scatter_add, whose CUDA float atomics would make
+        # the sketch depend on thread timing.
+        mat = torch.empty(m, gk, gk, device=weight.device, dtype=torch.float32)
+        rhs = torch.empty(m, gk, device=weight.device, dtype=torch.float32)
+        he = he_full[r0:r1]
+        for j, oh in enumerate(ohs):
+            cols = slice(j * gs, (j + 1) * gs)
+            mat[:, j * kk:(j + 1) * kk] = torch.bmm(oh, ho[:, cols])
+            rhs[:, j * kk:(j + 1) * kk] = torch.bmm(oh, he[:, cols, None])[:, :, 0]
+        del ho, ohs
         used = mat.diagonal(dim1=1, dim2=2) > 0
         scale = mat.diagonal(dim1=1, dim2=2).amax(1).clamp_min(hdiag_mean * 1e-12)
         mat = mat + (ridge * scale)[:, None, None] * eye + (~used).float().diag_embed()
@@ -359,10 +376,9 @@ def refit_lut(weight: Tensor, codes: Tensor, lut: Tensor, hessian: Tensor, *,
         ok = (info == 0) & torch.isfinite(delta).all(1)
         delta = torch.where(ok[:, None], delta, torch.zeros_like(delta))
         new[r0:r1] += delta
-    new = new.reshape(n, g, kk)
     # A refit LUT may come out of order; the codes index it, so order does not matter for
-    # decoding, but the nearest-entry search assumes sorted LUTs: sort and remap the codes.
-    return new
+    # decoding, but the nearest-entry search assumes sorted LUTs: hessian_sketch sorts and remaps.
+    return new.reshape(n, g, kk)
 
 
 def _sort_lut(codes: Tensor, lut: Tensor) -> tuple[Tensor, Tensor]:
