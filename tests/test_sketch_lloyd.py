@@ -48,6 +48,36 @@ def test_centroids_sorted_and_assignment_nearest(init):
     assert torch.allclose(chosen, dist.min(2).values, rtol=0, atol=1e-6)
 
 
+def _textbook_lloyd(v, w, cent, iters):
+    """Per-value Lloyd in float64: nearest centroid by full distance (ties to the lower index),
+    weighted means, empty clusters stay."""
+    for _ in range(iters):
+        a = (v[:, :, None] - cent[:, None, :]).abs().argmin(2)
+        onehot = torch.nn.functional.one_hot(a, cent.shape[1]).to(v.dtype)
+        sw = (onehot * w[:, :, None]).sum(1)
+        swv = (onehot * (w * v)[:, :, None]).sum(1)
+        cent = torch.where(sw > 0, swv / sw.clamp_min(1e-300), cent).sort(1).values
+    return cent
+
+
+@pytest.mark.parametrize("k", [2, 3, 8, 16])
+@pytest.mark.parametrize("iters", [1, 3, 12])
+def test_iterations_match_textbook_lloyd(k, iters):
+    """The sorted-runs iteration (clusters as contiguous runs of the row's sorted values) takes the
+    same steps as assigning every value to its nearest centroid; includes repeated values and
+    zero weights, which make empty and tied clusters."""
+    v, w = _data(rows=6, n=45, seed=k + 10 * iters, dtype=torch.float64)
+    # many equal values, drawn from 12 random ones per row (no value sits on a midpoint, where
+    # the two ways of computing "nearest" may round differently)
+    gen = torch.Generator().manual_seed(k * iters)
+    v = v[:, :12].gather(1, torch.randint(0, 12, v.shape, generator=gen))
+    w[:, ::7] = 0.0
+    c0, _ = spallm_ext.weighted_lloyd(v, k, w, max_iter=0)
+    cent, assign = spallm_ext.weighted_lloyd(v, k, w, max_iter=iters, tol=0.0)
+    want = _textbook_lloyd(v, w, c0, iters)
+    assert torch.allclose(cent, want, rtol=1e-12, atol=1e-12)
+
+
 def test_single_cluster_is_weighted_mean():
     v, w = _data(rows=4, n=30, seed=2, dtype=torch.float64)
     cent, assign = spallm_ext.weighted_lloyd(v, 1, w)
