@@ -22,6 +22,8 @@ import types
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import metadata  # noqa: E402
 
 SHAPES = {  # name: (hidden, intermediate, kv_dim, blocks)
     "llama3-8b": (4096, 14336, 1024, 32),
@@ -96,8 +98,7 @@ def main(argv=None) -> int:
                   f"{rows[-1]['stages_s']}", flush=True)
             del w, res
     per_block = t_all / args.blocks
-    out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-           "torch": torch.__version__, "shape": args.shape, "config": cfg.to_dict(),
+    out = {**metadata(str(dev)), "shape": args.shape, "config": cfg.to_dict(),
            "blocks_timed": args.blocks, "per_block_s": per_block, "model_blocks": nblocks,
            "model_estimate_s": per_block * nblocks, "rows": rows}
     print(f"per block {per_block:.2f} s -> {nblocks} blocks ~ {per_block * nblocks / 60:.1f} min "
