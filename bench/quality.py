@@ -34,6 +34,8 @@ from spallm_ext.models import (CALIB_PLAYS, EVAL_PLAYS, calibration_windows, loa
 from spallm_ext.sketch import SketchConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import metadata  # noqa: E402
 
 NF4_LEVELS = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -150,6 +152,8 @@ def main(argv=None) -> int:
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "load_s": load_s, "rows": [],
     }
+    meta = metadata(result["device"])
+    result.update(commit=meta["commit"], date=meta["date"])
     if os.path.exists(args.out) and args.only:
         with open(args.out) as f:
             old = json.load(f)
@@ -158,7 +162,7 @@ def main(argv=None) -> int:
 
     for name, spec in rows_spec:
         model = copy.deepcopy(base)
-        row = {"name": name}
+        row = {"name": name, "commit": meta["commit"]}   # rows kept from an --only run keep theirs
         t = time.perf_counter()
         if spec is None:
             row.update(method="fp32", bits_per_weight=32.0)
