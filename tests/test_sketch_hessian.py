@@ -140,6 +140,26 @@ def test_deterministic_for_a_seed():
         assert torch.equal(a.codes, b.codes) and torch.equal(a.lut, b.lut)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_bitwise_repeatable_in_deterministic_mode(device, monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) every stage runs without float atomics
+    (the Lloyd means' scatter_add included), so two sketches on one device are bit for bit equal;
+    on CUDA this is the documented way to repeatable sketches. Rows are given many equal weights,
+    whose cluster sums are where a different summation order would show."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # torch asks for it with cuBLAS
+    w, h, _ = _problem(n=96, k=256, seed=12, device=device)
+    w = torch.round(w * 200) / 200
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        a = hessian_sketch(w, h, bits=4, groups_per_row=2)
+        b = hessian_sketch(w, h, bits=4, groups_per_row=2)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.lut, b.lut)
+    assert a.info["refit_kept"] and a.info["rel_err"] < a.info["rel_err_lloyd"]
+
+
 def test_exponent_zero_is_unweighted_lloyd():
     from spallm_ext.sketch import lloyd_sketch
     w, h, _ = _problem(n=8, k=64, seed=8)
