@@ -367,36 +367,40 @@ def refit_lut(weight: Tensor, codes: Tensor, lut: Tensor, hessian: Tensor, *,
     e_full = weight - _decode_groups(codes, lut)                   # [n, k]
     he_full = e_full @ hessian                                     # [n, k]
     new = lut.reshape(n, gk).clone()
-    # ho [m, k, G*K] fp32 is the chunk's largest buffer (the ho_g GEMM outputs are its size too)
+    # the chunk's largest buffers: the G products H[:, group] @ one-hot, k * m * G*K floats together
     rows = max(1, min(n, max_chunk_bytes // max(1, 4 * k * gk)))
     hdiag_mean = float(hessian.diagonal().mean())
-    eye = torch.eye(gk, device=weight.device, dtype=torch.float32)
     h_cols = [hessian[:, j * gs:(j + 1) * gs] for j in range(g)]
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         m = r1 - r0
-        ho = torch.empty(m, k, gk, device=weight.device, dtype=torch.float32)
-        ohs = []
+        ohs, hos = [], []
         for j in range(g):
-            # one-hot of group j's codes, laid out [gs, m * K] so all rows share one GEMM
+            # one-hot of group j's codes, laid out [gs, m * K] so all rows share one GEMM; its
+            # product with H's group-j columns stays in the GEMM's layout [k, m, K]
             oh = torch.zeros(gs, m, kk, device=weight.device, dtype=torch.float32)
             oh.scatter_(2, codes[r0:r1, j * gs:(j + 1) * gs].t()[:, :, None], 1.0)
-            ho[:, :, j * kk:(j + 1) * kk] = (h_cols[j] @ oh.reshape(gs, m * kk)).reshape(k, m, kk).transpose(0, 1)
-            ohs.append(oh.permute(1, 2, 0))                          # [m, K, gs]: A_r^T of group j
-        # Block row j of A_r^T (H A_r) and of A_r^T H e_r: group j's one-hot against its own
-        # columns. Batched GEMMs rather than scatter_add, whose CUDA float atomics would make
-        # the sketch depend on thread timing.
+            ohs.append(oh)
+            hos.append((h_cols[j] @ oh.reshape(gs, m * kk)).reshape(k, m, kk))
+        # Block (j, i) of A_r^T (H A_r) and block j of A_r^T H e_r: group j's one-hot against its
+        # own columns, as batched GEMMs over strided views (no transposed copies). GEMMs rather
+        # than scatter_add, whose CUDA float atomics would make the sketch depend on thread timing.
         mat = torch.empty(m, gk, gk, device=weight.device, dtype=torch.float32)
         rhs = torch.empty(m, gk, device=weight.device, dtype=torch.float32)
         he = he_full[r0:r1]
-        for j, oh in enumerate(ohs):
+        for j in range(g):
+            at = ohs[j].permute(1, 2, 0)                             # [m, K, gs]: A_r^T of group j
             cols = slice(j * gs, (j + 1) * gs)
-            mat[:, j * kk:(j + 1) * kk] = torch.bmm(oh, ho[:, cols])
-            rhs[:, j * kk:(j + 1) * kk] = torch.bmm(oh, he[:, cols, None])[:, :, 0]
-        del ho, ohs
+            for i in range(j, g):      # the matrix is symmetric: upper blocks, mirrored
+                blk = torch.bmm(at, hos[i][cols].transpose(0, 1))
+                mat[:, j * kk:(j + 1) * kk, i * kk:(i + 1) * kk] = blk
+                if i != j:
+                    mat[:, i * kk:(i + 1) * kk, j * kk:(j + 1) * kk] = blk.transpose(1, 2)
+            rhs[:, j * kk:(j + 1) * kk] = torch.bmm(at, he[:, cols, None])[:, :, 0]
+        del ohs, hos
         used = mat.diagonal(dim1=1, dim2=2) > 0
         scale = mat.diagonal(dim1=1, dim2=2).amax(1).clamp_min(hdiag_mean * 1e-12)
-        mat = mat + (ridge * scale)[:, None, None] * eye + (~used).float().diag_embed()
+        mat.diagonal(dim1=1, dim2=2).add_((ridge * scale)[:, None] + (~used).float())   # in place: no [m, GK, GK] temporaries
         rhs = torch.where(used, rhs, torch.zeros_like(rhs))
         sol, info = torch.linalg.solve_ex(mat, rhs[:, :, None])
         delta = sol[:, :, 0]
