@@ -358,8 +358,7 @@ def refit_lut(weight: Tensor, codes: Tensor, lut: Tensor, hessian: Tensor, *,
     group by group, H[:, cols of g] @ one-hot [gs, K] per row, as one GEMM per group and chunk of
     rows: 2 k^2 K flops per row for any G (a dense [k, G*K] one-hot costs G times that, almost all
     of it multiplying zeros). A_r^T (H A_r) sums the k rows of H A_r into the G*K entries, again
-    group by group ([K, gs] x [gs, G*K] per row, G times fewer flops than the
-    dense [G*K, k] x [k, G*K] product)."""
+    group by group: [K, gs] x [gs, K] blocks, the upper half of the symmetric matrix only."""
     n, k = weight.shape
     g, kk = lut.shape[1], lut.shape[2]
     gk = g * kk
@@ -400,7 +399,8 @@ def refit_lut(weight: Tensor, codes: Tensor, lut: Tensor, hessian: Tensor, *,
         del ohs, hos
         used = mat.diagonal(dim1=1, dim2=2) > 0
         scale = mat.diagonal(dim1=1, dim2=2).amax(1).clamp_min(hdiag_mean * 1e-12)
-        mat.diagonal(dim1=1, dim2=2).add_((ridge * scale)[:, None] + (~used).float())   # in place: no [m, GK, GK] temporaries
+        # ridge and unit diagonal for unused entries, in place (no [m, GK, GK] temporaries)
+        mat.diagonal(dim1=1, dim2=2).add_((ridge * scale)[:, None] + (~used).float())
         rhs = torch.where(used, rhs, torch.zeros_like(rhs))
         sol, info = torch.linalg.solve_ex(mat, rhs[:, :, None])
         delta = sol[:, :, 0]
