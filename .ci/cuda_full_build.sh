@@ -25,5 +25,9 @@ assert info["cuda"], info
 codes = torch.tensor([[0x1F, 0x2E]], dtype=torch.uint8)
 w = torch.ops.spallm.lut_decode(codes, torch.arange(32.0).view(1, 2, 16))
 assert w.tolist() == [[1.0, 15.0, 18.0, 30.0]], w
+# The CUDA build's dispatch thresholds can be set (a CPU-only build refuses), and out of range is refused.
+assert _C.set_cuda_threshold("direct_max_tokens", 4) == "", _C.cuda_thresholds()
+assert dict((r[0], r[1]) for r in _C.cuda_thresholds())["direct_max_tokens"] == 4
+assert _C.set_cuda_threshold("regs_max_tokens", 33) == "value out of range"
 print("CUDA build links and loads:", info)
 PY

@@ -2,7 +2,9 @@
 // call's choice. Defined by the CUDA backend (csrc/cuda/ops.cpp); CPU-only builds define the same
 // functions as no-ops in csrc/registration.cpp. The rules themselves live in csrc/cuda/dispatch.cpp.
 #pragma once
+#include <cstdint>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace spallm {
@@ -32,5 +34,17 @@ std::vector<std::string> cpu_kernels();
 // "avx512_gemv", "avx512_tiles", "avx2_gemv", "avx2_tiles", "bf16_tiles" or "portable_tiles":
 // what the last CPU lut_linear / lut_linear_dx / lut_grad on this thread ran ("none" before the first).
 std::string last_cpu_plan();
+
+// The token counts at which the automatic choice changes path, as (name, current value, built-in
+// value, lowest, highest setting): the CUDA rules' (csrc/cuda/thresholds.h; a CPU-only build lists
+// the built-in values and sets nothing) and the CPU rules' (csrc/cpu/lut_ops_cpu.cpp; their built-in
+// values are those of the widest vector kernels this CPU has). set_*_threshold: value -1 restores
+// the built-in value; "" on success, else why not ("unknown threshold", "value out of range", ...).
+// Tuning files (spallm_ext/tuning.py) are sets of these.
+using ThresholdRow = std::tuple<std::string, int64_t, int64_t, int64_t, int64_t>;
+std::vector<ThresholdRow> cuda_thresholds();
+std::string set_cuda_threshold(const std::string& name, int64_t value);
+std::vector<ThresholdRow> cpu_thresholds();
+std::string set_cpu_threshold(const std::string& name, int64_t value);
 
 }  // namespace spallm

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cpu/lut_simd.h"
+#include "cuda/thresholds.h"
 #include "kernel_select.h"
 
 TORCH_LIBRARY(spallm, m) {
@@ -45,6 +46,12 @@ std::string cuda_kernel() { return "auto"; }
 std::string last_cuda_plan() { return "none (no CUDA in this build)"; }
 bool set_lowrank_t(const std::string& mode) { return mode == "auto" || mode == "gemm"; }
 std::string lowrank_t() { return "auto"; }
+std::vector<ThresholdRow> cuda_thresholds() {
+  std::vector<ThresholdRow> rows;
+  for (const cuda::ThresholdSpec& s : cuda::kThresholdSpecs) rows.emplace_back(s.name, s.builtin, s.builtin, s.lo, s.hi);
+  return rows;
+}
+std::string set_cuda_threshold(const std::string&, int64_t) { return "no CUDA in this build"; }
 }  // namespace spallm
 #endif
 
@@ -92,4 +99,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_kernel", &spallm::cpu_kernel, "The forced CPU path ('auto' when none)");
   m.def("cpu_kernels", &spallm::cpu_kernels, "The CPU paths this machine can run");
   m.def("last_cpu_plan", &spallm::last_cpu_plan, "What the last CPU lut_linear / lut_linear_dx ran");
+  m.def("cuda_thresholds", &spallm::cuda_thresholds,
+        "The CUDA dispatch thresholds: (name, value, built-in value, lowest, highest)");
+  m.def("set_cuda_threshold", &spallm::set_cuda_threshold,
+        "Set a CUDA dispatch threshold (-1: built-in value); '' or why not");
+  m.def("cpu_thresholds", &spallm::cpu_thresholds,
+        "The CPU dispatch thresholds: (name, value, built-in value, lowest, highest)");
+  m.def("set_cpu_threshold", &spallm::set_cpu_threshold,
+        "Set a CPU dispatch threshold (-1: built-in value); '' or why not");
 }

@@ -396,6 +396,60 @@ def test_dispatch_plans_run(device, m, act):
     _assert_elementwise(y, reference.lut_linear(x.double(), codes, w_lut.double(), bias.double()), out["plan"].decode())
 
 
+# Tuned thresholds (csrc/cuda/thresholds.h, set by spallm_ext.kernels / tuning files) move the
+# boundaries between the paths, and only where the kernel can still carry the call out.
+@pytest.mark.parametrize("m,thresholds,want", [
+    (8, dict(direct_max_tokens=4), ("mma_regs", 16)),          # past direct's setting: the code ring
+    (8, dict(direct_max_tokens=0, regs_max_tokens=0), ("mma", 16)),
+    (24, dict(regs_max_tokens=16), ("mma", 32)),
+    (12, dict(direct_max_tokens=16, regs_max_tokens=8), ("mma_regs_direct", 16)),  # direct is asked first
+    (40, dict(mma_max_tokens=32), ("decode_gemm", 0)),
+    (600, dict(mma_max_tokens=1024), ("mma", 128)),
+    (1, dict(mma_max_tokens=0), ("decode_gemm", 0)),
+], ids=str)
+def test_dispatch_thresholds_move_the_plan(m, thresholds, want):
+    n, k, bits, groups = 136, 256, 4, 2
+    codes, lut = make_sketch(n, k, bits, groups, seed=m)
+    x = randn(m, k, dtype=torch.bfloat16, seed=1)
+    ints = dict(_problem(codes, m, n, k, groups, bits), act=_code(torch.bfloat16), lut_type=0, **DEVICES["h100"],
+                **thresholds)
+    out = _run_one("linear_auto", ints, dict(x=x, codes=codes, lut=lut), SCHEDULES[m % len(SCHEDULES)])
+    path, block_m, _ = out["plan"].decode().split()
+    assert (path, int(block_m) if want[1] else 0) == want, out["plan"]
+    y = simt.as_tensor(out["y"], torch.bfloat16, (m, n))
+    _assert_elementwise(y, reference.lut_linear(x.double(), codes, lut.to(torch.bfloat16).double()), out["plan"].decode())
+
+
+@pytest.mark.parametrize("m,thresholds,want", [
+    (40, dict(dx_mma_max_tokens=32), "decode_gemm"),
+    (40, dict(mma_max_tokens=32), "mma"),               # the forward's setting leaves dx alone
+    (600, dict(dx_mma_max_tokens=1024), "mma"),
+], ids=str)
+def test_dispatch_dx_threshold(m, thresholds, want):
+    n, k, bits, groups = 136, 256, 3, 2
+    codes, lut = make_sketch(n, k, bits, groups, seed=m)
+    dy = randn(m, n, dtype=torch.bfloat16, seed=2)
+    ints = dict(_problem(codes, m, n, k, groups, bits), act=_code(torch.bfloat16), lut_type=0, **DEVICES["h100"],
+                **thresholds)
+    (out,) = simt.run_cases([("dx_auto", ints, dict(dy=dy, codes=codes, lut=lut))])
+    assert out["status"] == 0 and out["plan"].decode().split()[0] == want, out["plan"]
+    dx = simt.as_tensor(out["dx"], torch.bfloat16, (m, k))
+    _assert_elementwise(dx, reference.lut_linear_dx(dy.double(), codes, lut.to(torch.bfloat16).double()), "dx")
+
+
+def test_dispatch_fp32_decode_threshold():
+    n, k, bits, groups = 136, 256, 2, 2
+    for m, setting, want in ((8, 8, "decode_gemm"), (8, 9, "simple"), (40, 64, "simple")):
+        codes, lut = make_sketch(n, k, bits, groups, seed=m)
+        x = randn(m, k, dtype=torch.float32, seed=1)
+        ints = dict(_problem(codes, m, n, k, groups, bits), act=_code(torch.float32), lut_type=0,
+                    **DEVICES["h100"], decode_min_tokens=setting)
+        out = _run_one("linear_auto", ints, dict(x=x, codes=codes, lut=lut), SCHEDULES[0])
+        assert out["plan"].decode().split()[0] == want, (m, setting, out["plan"])
+        _assert_elementwise(simt.as_tensor(out["y"], torch.float32, (m, n)),
+                            reference.lut_linear(x.double(), codes, lut.double()), want)
+
+
 @pytest.mark.parametrize("device", ["h100", "sm86"])
 @pytest.mark.parametrize("m", [1, 40, 600])
 def test_dispatch_backward_plans_run(device, m):

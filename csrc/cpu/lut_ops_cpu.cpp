@@ -54,8 +54,31 @@ constexpr int64_t kTileElems = int64_t(1) << 20;
 // * From bf16_min_tokens tokens a bf16 model takes the bf16 tiles instead (where they apply):
 //   decoding all of W once per call then costs less than the register pass's fp32 FMAs. The
 //   crossover is 6 to 8 tokens against the AVX2 pass, 12 to 16 against the AVX-512 one.
-int64_t gemv_max_tokens(const cpu::VectorKernels& vec) { return vec.width >= 16 ? 4096 : 16; }
-int64_t bf16_min_tokens(const cpu::VectorKernels& vec) { return vec.width >= 16 ? 16 : 8; }
+// These are the built-in rules; spallm_ext.kernels.set_dispatch_thresholds("cpu", ...) and tuning
+// files (`spallm-ext tune --device cpu`, which measures the crossovers on the machine at hand)
+// override them for whichever vector kernels run.
+enum CpuThreshold : int { kGemvMax = 0, kBf16Min, kBf16GemvMax, kCpuThresholdCount };
+constexpr const char* kCpuThresholdNames[kCpuThresholdCount] = {"gemv_max_tokens", "bf16_min_tokens",
+                                                                "bf16_gemv_max_tokens"};
+constexpr int64_t kCpuThresholdLow[kCpuThresholdCount] = {0, 1, 0};
+constexpr int64_t kAnyTokens = int64_t(1) << 40;
+std::atomic<int64_t> g_cpu_threshold[kCpuThresholdCount] = {{-1}, {-1}, {-1}};  // -1: the rule
+
+int64_t cpu_threshold(CpuThreshold t, int64_t builtin) {
+  const int64_t v = g_cpu_threshold[t].load();
+  return v >= 0 ? v : builtin;
+}
+
+// The built-in rules, by the vector width of the kernels that run (16: AVX-512, 8: AVX2).
+int64_t builtin_gemv_max_tokens(int width) { return width >= 16 ? 4096 : 16; }
+int64_t builtin_bf16_min_tokens(int width) { return width >= 16 ? 16 : 8; }
+
+int64_t gemv_max_tokens(const cpu::VectorKernels& vec) {
+  return cpu_threshold(kGemvMax, builtin_gemv_max_tokens(vec.width));
+}
+int64_t bf16_min_tokens(const cpu::VectorKernels& vec) {
+  return cpu_threshold(kBf16Min, builtin_bf16_min_tokens(vec.width));
+}
 
 // Up to this many tokens a bf16 model on an AVX512-BF16 CPU takes the fused pass on bf16 dot
 // products (avx512bf16_gemv) instead of the fp32 pass or the bf16 tiles: on 4096 x 4096 (4-bit,
@@ -94,7 +117,8 @@ std::string plan_name(const cpu::VectorKernels* vec, const char* what) {
 // (no AVX512-BF16, group size not a multiple of 32, other dtypes or paths).
 const cpu::VectorKernels* bf16_gemv_kernels(const LutShape& s, at::ScalarType act, int64_t M) {
   const CpuPath p = g_cpu_path.load();
-  if (act != at::kBFloat16 || M < 1 || M > kBf16GemvMaxTokens || (p != CpuPath::kAuto && p != CpuPath::kAvx512Bf16)) {
+  if (act != at::kBFloat16 || M < 1 || M > cpu_threshold(kBf16GemvMax, kBf16GemvMaxTokens) ||
+      (p != CpuPath::kAuto && p != CpuPath::kAvx512Bf16)) {
     return nullptr;
   }
   const cpu::VectorKernels* k = cpu::avx512bf16_kernels();
@@ -449,6 +473,30 @@ std::vector<std::string> cpu_kernels() {
 }
 
 std::string last_cpu_plan() { return g_last_cpu_plan; }
+
+// Built-in values as the widest vector kernels of this CPU have them (none: no fused pass, 0).
+std::vector<ThresholdRow> cpu_thresholds() {
+  const cpu::VectorKernels* wide = cpu::avx512_kernels() != nullptr ? cpu::avx512_kernels() : cpu::avx2_kernels();
+  const int width = wide != nullptr ? wide->width : 8;
+  const int64_t builtin[kCpuThresholdCount] = {wide != nullptr ? builtin_gemv_max_tokens(width) : 0,
+                                               builtin_bf16_min_tokens(width), kBf16GemvMaxTokens};
+  std::vector<ThresholdRow> rows;
+  for (int t = 0; t < kCpuThresholdCount; ++t) {
+    rows.emplace_back(kCpuThresholdNames[t], cpu_threshold(static_cast<CpuThreshold>(t), builtin[t]), builtin[t],
+                      kCpuThresholdLow[t], kAnyTokens);
+  }
+  return rows;
+}
+
+std::string set_cpu_threshold(const std::string& name, int64_t value) {
+  for (int t = 0; t < kCpuThresholdCount; ++t) {
+    if (name != kCpuThresholdNames[t]) continue;
+    if (value != -1 && (value < kCpuThresholdLow[t] || value > kAnyTokens)) return "value out of range";
+    g_cpu_threshold[t].store(value);
+    return "";
+  }
+  return "unknown threshold";
+}
 
 TORCH_LIBRARY_IMPL(spallm, CPU, m) {
   m.impl("lut_linear", &cpu_lut_linear);

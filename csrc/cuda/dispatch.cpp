@@ -1,22 +1,25 @@
 // The dispatch rules of the CUDA backend (see dispatch.h for the paths).
 //
-// Status of the thresholds: they come from a roofline argument, not yet from a sweep on the H100
-// (bench/bench_forward.py measures every path; the numbers to revisit are marked MEASURE).
-//   * M <= kRegsMaxTokens: mma_regs, whose decode costs one shared-memory lookup per weight
+// The token thresholds (thresholds.h) have built-in values from a roofline argument; on a given GPU
+// `spallm-ext tune --device cuda` times every path and sets them from the crossovers it measures
+// (spallm_ext/tuning.py), and bench/bench_forward.py measures the same paths for the record.
+//   * M <= regs_max_tokens: mma_regs, whose decode costs one shared-memory lookup per weight
 //     (the tile variant adds a store and an ldmatrix read: ~1/15 clock per weight and SM against
 //     the ~1/26 at which 4-bit codes stream in from HBM), so the small-M calls stay memory-bound.
-//     Up to kDirectMaxTokens its codes skip shared memory too (mma_regs_direct): at M = 1 that is
+//     Up to direct_max_tokens its codes skip shared memory too (mma_regs_direct): at M = 1 that is
 //     42 -> 34 bank wavefronts per 1024 weights, a shared-memory ceiling of ~104 % of HBM's 4-bit
 //     code rate instead of ~84 % (bench/smem_traffic.py); the 32-token tile has no registers left
 //     for a code ring, so 17..32 tokens keep the shared-memory one.
-//   * M <= kMmaMaxTokens, bf16/fp16, aligned shapes: the fused mma kernel. Up to M ~ 64-128 the
-//     call is bound by reading the codes (4-bit: a quarter of bf16's bytes), which only a fused
-//     kernel exploits; decode_gemm would write and re-read a bf16 W (4.5x the codes' traffic).
+//   * M <= mma_max_tokens (dx: dx_mma_max_tokens), bf16/fp16, aligned shapes: the fused mma kernel.
+//     Up to M ~ 64-128 the call is bound by reading the codes (4-bit: a quarter of bf16's bytes),
+//     which only a fused kernel exploits; decode_gemm would write and re-read a bf16 W (4.5x the
+//     codes' traffic).
 //   * Larger M is compute-bound: decode_gemm costs one decode (~8-12% of a 14336 x 4096 GEMM at
 //     M = 4096) on top of cuBLAS, which mma.sync kernels on Hopper do not beat.
-//   * fp32 activations, or shapes the mma kernel rejects: decode_gemm once M >= kDecodeMinTokens
+//   * fp32 activations, or shapes the mma kernel rejects: decode_gemm once M >= decode_min_tokens
 //     (the decode is amortized), else the simple kernel.
 #include "cuda/dispatch.h"
+#include "cuda/thresholds.h"
 
 #include <atomic>
 #include <cstring>
@@ -24,16 +27,16 @@
 namespace spallm::cuda {
 namespace {
 
-constexpr int64_t kMmaMaxTokens = 512;     // MEASURE: crossover of mma and decode_gemm
-constexpr int64_t kDecodeMinTokens = 32;   // MEASURE: below this, simple beats decode + GEMM
-constexpr int64_t kRegsMaxTokens = 32;     // MEASURE: crossover of mma_regs and mma (32: its largest tile)
-constexpr int64_t kDirectMaxTokens = 16;   // MEASURE: mma_regs_direct up to here (16: its one tile)
+constexpr int64_t kRegsTileMaxTokens = 32;    // mma_regs: its largest token tile
+constexpr int64_t kDirectTileMaxTokens = 16;  // mma_regs_direct: its one token tile
 constexpr int64_t kTileN = 128;            // rows of W per mma block (lut_mma.cu's kBlockN)
 constexpr int64_t kTileK = 64;             // columns per mma K-step (lut_mma.cu's kBlockK)
 constexpr int kMaxSplits = 32;
 constexpr int64_t kFastDecodeMaxLutFloats = 12 * 1024;  // one row's LUT in 48 KB of shared memory
 
 std::atomic<int> g_forced{static_cast<int>(Path::Auto)};
+// -1: the built-in value of thresholds.h.
+std::atomic<int64_t> g_threshold[kThresholdCount] = {{-1}, {-1}, {-1}, {-1}, {-1}};
 std::atomic<bool> g_lowrank_t_gemm{false};
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -134,6 +137,26 @@ bool path_from_name(const char* name, Path* out) {
 }
 
 void set_forced_path(Path p) { g_forced.store(static_cast<int>(p)); }
+
+int64_t threshold(Threshold t) {
+  const int64_t v = g_threshold[t].load();
+  return v >= 0 ? v : kThresholdSpecs[t].builtin;
+}
+
+bool set_threshold(const char* name, int64_t value, const char** why) {
+  for (int t = 0; t < kThresholdCount; ++t) {
+    const ThresholdSpec& spec = kThresholdSpecs[t];
+    if (std::strcmp(name, spec.name) != 0) continue;
+    if (value != -1 && (value < spec.lo || value > spec.hi)) {
+      if (why != nullptr) *why = "value out of range";
+      return false;
+    }
+    g_threshold[t].store(value);
+    return true;
+  }
+  if (why != nullptr) *why = "unknown threshold";
+  return false;
+}
 Path forced_path() { return static_cast<Path>(g_forced.load()); }
 
 bool mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why) {
@@ -154,7 +177,7 @@ bool mma_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, c
 bool mma_regs_supports(const LutProblem& p, const CallInfo& c, const DeviceInfo& d, const char** why) {
   if (!mma_supports(p, c, d, why)) return false;
   const char* no = nullptr;
-  if (p.M > kRegsMaxTokens) no = "mma_regs needs M <= 32";
+  if (p.M > kRegsTileMaxTokens) no = "mma_regs needs M <= 32";
   else if (c.codes_ptr % 16 != 0) no = "mma_regs needs 16-byte aligned codes";
   // (lut_mma_smem_bytes gives the code ring's variant, the larger: mma_regs_direct fits wherever it does.)
   else if (!fits(lut_mma_smem_bytes(p.bits, p.M <= 16 ? 16 : 32, true), d)) no = "mma_regs: shared memory";
@@ -224,11 +247,12 @@ Plan plan_lut_grad(const LutProblem& p, const CallInfo& c, const DeviceInfo& d) 
 namespace {
 
 // The rules shared by lut_linear and lut_linear_dx (the GEMMs over W or W^T): a forced path where
-// it supports the call, else mma_regs for small M (forward only: regs_ok is false for dx), mma up
-// to kMmaMaxTokens, decode_gemm beyond it or where mma cannot run once M is large enough, the
-// simple kernels otherwise. mma_plan_fn gives the mma tiling.
+// it supports the call, else mma_regs(_direct) for small M (forward only: regs_ok is false for dx),
+// mma up to `mma_max` tokens, decode_gemm beyond it or where mma cannot run once M is large enough,
+// the simple kernels otherwise. mma_plan_fn gives the mma tiling.
 Plan plan_gemm(const LutProblem& p, const DeviceInfo& d, bool regs_ok, bool mma_ok, const char* mma_no, bool dec_ok,
-               const char* dec_no, Plan (*mma_plan_fn)(const LutProblem&, const DeviceInfo&, const char*)) {
+               const char* dec_no, int64_t mma_max,
+               Plan (*mma_plan_fn)(const LutProblem&, const DeviceInfo&, const char*)) {
   switch (forced_path()) {
     case Path::Simple: return simple_plan("forced: simple");
     case Path::Mma:
@@ -238,20 +262,24 @@ Plan plan_gemm(const LutProblem& p, const DeviceInfo& d, bool regs_ok, bool mma_
       if (regs_ok) return mma_regs_plan(p, d, "forced: mma_regs");
       break;
     case Path::MmaRegsDirect:
-      if (regs_ok && p.M <= 16) return mma_regs_plan(p, d, "forced: mma_regs_direct", Path::MmaRegsDirect);
+      if (regs_ok && p.M <= kDirectTileMaxTokens) {
+        return mma_regs_plan(p, d, "forced: mma_regs_direct", Path::MmaRegsDirect);
+      }
       break;
     case Path::DecodeGemm:
       if (dec_ok) return decode_plan("forced: decode_gemm");
       break;
     case Path::Auto: break;
   }
-  if (p.M > kMmaMaxTokens && dec_ok) return decode_plan("large M: decode once, cuBLAS GEMM");
-  if (regs_ok && p.M <= kDirectMaxTokens) {
+  if (p.M > mma_max && dec_ok) return decode_plan("large M: decode once, cuBLAS GEMM");
+  if (regs_ok && p.M <= threshold(kDirectMaxTokens)) {
     return mma_regs_plan(p, d, "small M: codes and fragments in registers, tensor cores", Path::MmaRegsDirect);
   }
-  if (regs_ok) return mma_regs_plan(p, d, "small M: fragments decoded in registers, tensor cores");
+  if (regs_ok && p.M <= threshold(kRegsMaxTokens)) {
+    return mma_regs_plan(p, d, "small M: fragments decoded in registers, tensor cores");
+  }
   if (mma_ok) return mma_plan_fn(p, d, "fused LUT gather-GEMM on tensor cores");
-  if (p.M >= kDecodeMinTokens && dec_ok) return decode_plan(mma_no);
+  if (p.M >= threshold(kDecodeMinTokens) && dec_ok) return decode_plan(mma_no);
   return simple_plan(dec_ok ? mma_no : dec_no);
 }
 
@@ -264,7 +292,7 @@ Plan plan_lut_linear(const LutProblem& p, const CallInfo& c, const DeviceInfo& d
   const bool mma_ok = mma_supports(p, c, d, &mma_no);
   const bool dec_ok = fast_decode_supports(p, c.codes_ptr, 0, &dec_no);
   const bool regs_ok = mma_ok && mma_regs_supports(p, c, d, nullptr);
-  return plan_gemm(p, d, regs_ok, mma_ok, mma_no, dec_ok, dec_no, &mma_plan);
+  return plan_gemm(p, d, regs_ok, mma_ok, mma_no, dec_ok, dec_no, threshold(kMmaMaxTokens), &mma_plan);
 }
 
 // A multi-adapter launch runs each adapter's tokens in their own blocks, so the variant and tile
@@ -284,7 +312,8 @@ Plan plan_lut_linear_dx(const LutProblem& p, const CallInfo& c, const DeviceInfo
   const char* dec_no = "";
   const bool mma_ok = dx_mma_supports(p, c, d, &mma_no);
   const bool dec_ok = fast_decode_supports(p, c.codes_ptr, 0, &dec_no);
-  return plan_gemm(p, d, /*regs_ok=*/false, mma_ok, mma_no, dec_ok, dec_no, &dx_mma_plan);
+  return plan_gemm(p, d, /*regs_ok=*/false, mma_ok, mma_no, dec_ok, dec_no, threshold(kDxMmaMaxTokens),
+                   &dx_mma_plan);
 }
 
 // The skinny GEMM costs two launches (cast of x, GEMM) and a second read of x: a few microseconds,

@@ -19,6 +19,7 @@
 #include "multi_adapter.h"
 #include "cuda/dispatch.h"
 #include "cuda/kernels.h"
+#include "cuda/thresholds.h"
 
 namespace spallm {
 
@@ -363,6 +364,20 @@ bool set_lowrank_t(const std::string& mode) {
 }
 
 std::string lowrank_t() { return cuda::lowrank_t_gemm() ? "gemm" : "auto"; }
+
+std::vector<ThresholdRow> cuda_thresholds() {
+  std::vector<ThresholdRow> rows;
+  for (int t = 0; t < cuda::kThresholdCount; ++t) {
+    const cuda::ThresholdSpec& s = cuda::kThresholdSpecs[t];
+    rows.emplace_back(s.name, cuda::threshold(static_cast<cuda::Threshold>(t)), s.builtin, s.lo, s.hi);
+  }
+  return rows;
+}
+
+std::string set_cuda_threshold(const std::string& name, int64_t value) {
+  const char* why = "";
+  return cuda::set_threshold(name.c_str(), value, &why) ? std::string() : std::string(why);
+}
 
 std::string last_cuda_plan() {
   const cuda::Plan& p = t_last_plan;

@@ -26,6 +26,7 @@
 #include <cuda_fp16.h>
 
 #include "cuda/dispatch.h"
+#include "cuda/thresholds.h"
 #include "cuda/kernels.h"
 
 #if SIMT_FAST_SWITCH
@@ -230,9 +231,18 @@ int run_auto(const Case& c, const spallm::cuda::LutProblem& p, DType act, DType 
   const uint8_t* in = c.in(dx ? "dy" : "x");
   call.act_ptr = reinterpret_cast<uintptr_t>(in);
   const int64_t adapters = c.get("adapters", 1);
+  // A case may set dispatch thresholds (thresholds.h names) for its plan; the rest keep the
+  // built-in values (-1), as does the next case.
+  for (const sc::ThresholdSpec& spec : sc::kThresholdSpecs) {
+    if (!sc::set_threshold(spec.name, c.get(spec.name, -1), nullptr)) {
+      std::fprintf(stderr, "case: threshold %s out of range\n", spec.name);
+      std::exit(2);
+    }
+  }
   const sc::Plan plan = dx ? sc::plan_lut_linear_dx(p, call, d)
                            : adapters > 1 ? sc::plan_lut_linear_adapters(p, adapters, call, d)
                                           : sc::plan_lut_linear(p, call, d);
+  for (const sc::ThresholdSpec& spec : sc::kThresholdSpecs) sc::set_threshold(spec.name, -1, nullptr);
   record_plan(outs, plan);
   const int64_t out_cols = dx ? p.K : p.N;
   Buffer y = alloc(p.M * out_cols * ab, 0xFF);
