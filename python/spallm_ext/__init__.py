@@ -46,6 +46,9 @@ from .multi_adapter import (adapter_luts, adapter_names, save_stacked_adapter, s
                             unstack_adapters, use_adapters)
 from .lowrank import LowRankSketchedLinear, lowrank_sketch  # noqa: E402
 from .ops import lut_linear_lowrank  # noqa: E402
+from . import tuning as _tuning  # noqa: E402
+
+_tuning._apply_env()  # $SPALLM_EXT_TUNING: measured dispatch thresholds (spallm_ext/tuning.py)
 
 
 def build_info() -> dict:

@@ -4,6 +4,7 @@
     spallm-ext ppl      DIR --text shakespeare:eval [--seq-len 512] [--max-tokens 16384]
     spallm-ext generate DIR --prompt "To be" [--adapter FILE] [--max-new-tokens 40]
     spallm-ext info     DIR|ADAPTER.safetensors
+    spallm-ext tune     [--device cuda|cpu] [--out FILE]   (measured dispatch thresholds)
 
 Errors (missing model, bad config, wrong directory) are reported in one line with exit code 2.
 """
@@ -64,6 +65,15 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe a sketch directory or an adapter file")
     i.add_argument("path")
+
+    t = sub.add_parser("tune", help="measure the kernel dispatch thresholds on this machine")
+    t.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
+    t.add_argument("--out", default=None, help="tuning JSON to write (use it with $SPALLM_EXT_TUNING)")
+    t.add_argument("--shapes", default=None, help="layer shapes OUTxIN,... (default: Llama-3-8B's on cuda)")
+    t.add_argument("--tokens", default=None, help="token counts to time, e.g. 1,2,4,8,16,32")
+    t.add_argument("--bits", type=int, default=4)
+    t.add_argument("--groups", type=int, default=4, help="groups per row")
+    t.add_argument("--budget-ms", type=float, default=None, help="time per measurement")
     return p
 
 
@@ -222,9 +232,41 @@ def cmd_info(a) -> int:
     return 0
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CliError(f"--{what} must be comma-separated integers, got {text!r}") from None
+
+
+def cmd_tune(a) -> int:
+    from . import tuning
+
+    shapes = None
+    if a.shapes:
+        try:
+            shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes.split(",") if s.strip()]
+        except ValueError:
+            shapes = [()]
+        if not shapes or any(len(s) != 2 for s in shapes):
+            raise CliError(f"--shapes must look like 4096x4096,14336x4096 (OUTxIN), got {a.shapes!r}")
+    tokens = _int_list(a.tokens, "tokens") if a.tokens else None
+    try:
+        result = tuning.tune(a.device, shapes=shapes, tokens=tokens, bits=a.bits, groups_per_row=a.groups,
+                             budget_ms=a.budget_ms)
+    except (ValueError, RuntimeError) as e:
+        raise CliError(str(e)) from None
+    print(tuning.describe(result))
+    if a.out:
+        path = tuning.save_tuning(result, a.out)
+        print(f"wrote {path}; apply it with `export {tuning.ENV_VAR}={path}` or "
+              f"spallm_ext.tuning.load_tuning({str(path)!r})")
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    fn = {"sketch": cmd_sketch, "ppl": cmd_ppl, "generate": cmd_generate, "info": cmd_info}[args.cmd]
+    fn = {"sketch": cmd_sketch, "ppl": cmd_ppl, "generate": cmd_generate, "info": cmd_info, "tune": cmd_tune}[args.cmd]
     try:
         return fn(args)
     except CliError as e:

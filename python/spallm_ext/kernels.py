@@ -13,6 +13,10 @@ The automatic choice (csrc/cuda/dispatch.cpp) picks, per call, between
 Forcing a path applies wherever that path supports the call (shape, dtype, alignment, GPU);
 elsewhere the automatic choice still runs. Results agree across paths within the activation
 dtype's rounding: the "mma*" paths and "decode_gemm" round W to bf16/fp16 as a bf16/fp16 nn.Linear does.
+
+The token counts at which the automatic choice switches path are the dispatch thresholds
+(:func:`dispatch_thresholds`, :func:`set_dispatch_thresholds`); :mod:`spallm_ext.tuning` measures
+them on the machine at hand.
 """
 from __future__ import annotations
 
@@ -145,3 +149,75 @@ def last_cpu_plan() -> str:
     "avx512_tiles", "avx2_gemv", "avx2_tiles", "bf16_tiles" or "portable_tiles" ("none" before the
     first call; lut_grad's fp32 work, which decodes nothing, reports "portable_tiles")."""
     return _C.last_cpu_plan()
+
+
+# Dispatch thresholds: the token counts at which the automatic choice changes path. Their built-in
+# values are fixed in the native library (CUDA: csrc/cuda/thresholds.h, CPU: csrc/cpu/lut_ops_cpu.cpp);
+# `spallm-ext tune` measures them on the machine at hand (spallm_ext.tuning).
+THRESHOLD_DEVICES = ("cuda", "cpu")
+
+
+def _threshold_rows(device: str) -> list[tuple[str, int, int, int, int]]:
+    if device not in THRESHOLD_DEVICES:
+        raise ValueError(f"device must be one of {THRESHOLD_DEVICES}, got {device!r}")
+    return list(_C.cuda_thresholds() if device == "cuda" else _C.cpu_thresholds())
+
+
+def dispatch_thresholds(device: str, *, builtin: bool = False) -> dict[str, int]:
+    """The dispatch thresholds of ``device`` ("cuda" or "cpu") in force now (``builtin=True``: the
+    library's own values).
+
+    CUDA (forward ``lut_linear``, bf16/fp16 activations, shapes the tensor-core kernels take):
+    ``direct_max_tokens`` (``mma_regs_direct`` up to this M, at most 16), ``regs_max_tokens``
+    (``mma_regs`` up to this M, at most 32), ``mma_max_tokens`` (a tensor-core LUT kernel up to this
+    M, ``decode_gemm`` beyond), ``dx_mma_max_tokens`` (the same for ``lut_linear_dx``), and
+    ``decode_min_tokens`` (where no tensor-core kernel runs: ``decode_gemm`` from this M, the simple
+    kernels below). CPU: ``gemv_max_tokens`` (the fused vector pass up to this M, decode + BLAS
+    beyond), ``bf16_min_tokens`` (bf16 activations take the bf16 tiles from this M, where the CPU
+    path uses them) and ``bf16_gemv_max_tokens`` (a bf16 model's forward on AVX512-BF16 dot products
+    up to this M). Thresholds never change results beyond the rounding the paths already differ by.
+    A CPU-only build lists the CUDA built-ins and cannot set them.
+    """
+    return {name: (base if builtin else value) for name, value, base, _, _ in _threshold_rows(device)}
+
+
+def set_dispatch_thresholds(device: str, **values: int | None) -> None:
+    """Set dispatch thresholds of ``device`` by name (see :func:`dispatch_thresholds`); ``None``
+    restores a threshold's built-in value. Every name and value is checked before any is set."""
+    rows = {name: (lo, hi) for name, _, _, lo, hi in _threshold_rows(device)}
+    for name, value in values.items():
+        if name not in rows:
+            raise ValueError(f"unknown {device} dispatch threshold {name!r}; known: {sorted(rows)}")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{device} dispatch threshold {name!r} must be an int or None, got {value!r}")
+        lo, hi = rows[name]
+        if not lo <= value <= hi:
+            raise ValueError(f"{device} dispatch threshold {name!r} must be in [{lo}, {hi}], got {value}")
+    setter = _C.set_cuda_threshold if device == "cuda" else _C.set_cpu_threshold
+    for name, value in values.items():
+        why = setter(name, -1 if value is None else value)
+        if why:
+            raise RuntimeError(f"cannot set {device} dispatch threshold {name!r}: {why}")
+
+
+def reset_dispatch_thresholds(device: str) -> None:
+    """Every threshold of ``device`` back to its built-in value (a CPU-only build has nothing to
+    reset for "cuda")."""
+    if device == "cuda" and not _C.build_info()["cuda"]:
+        return
+    set_dispatch_thresholds(device, **{name: None for name in dispatch_thresholds(device)})
+
+
+@contextlib.contextmanager
+def use_dispatch_thresholds(device: str, **values: int | None) -> Iterator[None]:
+    """Run the block with some thresholds of ``device`` set, then restore the previous values."""
+    previous = dispatch_thresholds(device)
+    builtin = dispatch_thresholds(device, builtin=True)
+    set_dispatch_thresholds(device, **values)
+    try:
+        yield
+    finally:
+        # A threshold that was at its built-in value goes back to following it (None), not to a copy.
+        set_dispatch_thresholds(device, **{n: None if previous[n] == builtin[n] else previous[n] for n in values})
