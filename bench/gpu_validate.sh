@@ -2,7 +2,7 @@
 # One full validation on the GPU machine (see ../shared/notes/gpu.md): build with CUDA, run the
 # whole test suite, compute-sanitizer (memcheck + racecheck) on the CUDA tests, then benchmarks.
 # Everything goes to $OUT (logs + JSON).
-# Usage: bash bench/gpu_validate.sh [build|test|sanitize|bench|train|lowrank|sketch]...
+# Usage: bash bench/gpu_validate.sh [build|test|sanitize|bench|tune|train|lowrank|sketch]...
 # BENCH_ARGS / TRAIN_ARGS / LOWRANK_ARGS / SKETCH_ARGS pass extra arguments to bench_forward.py /
 # bench_train.py / bench_lowrank.py / bench_sketch.py.
 set -uo pipefail
@@ -40,6 +40,11 @@ for s in "${steps[@]}"; do
         -p no:cacheprovider > "$OUT/sanitizer_racecheck.log" 2>&1; echo "racecheck rc=$?"; tail -4 "$OUT/sanitizer_racecheck.log" ;;
     bench)
       SPALLM_COMMIT=${SPALLM_COMMIT:-} python3 bench/bench_forward.py --out "$OUT/forward.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_forward.log" | tail -40 ;;
+    tune)
+      # Dispatch thresholds measured on this GPU (spallm_ext/tuning.py): the values to make the
+      # built-in ones of csrc/cuda/thresholds.h, and a tuning file to apply meanwhile.
+      SPALLM_COMMIT=${SPALLM_COMMIT:-} python3 bench/tune_dispatch.py --device cuda --out "$OUT/tune_cuda.json" \
+        --tuning-out "$OUT/tuning_cuda.json" 2>&1 | tee "$OUT/tune.log" | tail -60 ;;
     train)
       # Training step (issue 5): the QLoRA rows need bitsandbytes from .whl (see bench/README.md).
       SPALLM_COMMIT=${SPALLM_COMMIT:-} python3 bench/bench_train.py --out "$OUT/train.json" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/bench_train.log" | tail -60 ;;
