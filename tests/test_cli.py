@@ -116,3 +116,24 @@ def test_console_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "spallm_ext.cli", "--help"], capture_output=True, text=True,
                        timeout=120, env={**os.environ})
     assert r.returncode == 0 and "sketch" in r.stdout and "generate" in r.stdout
+
+
+def test_tune_on_a_sketch_directory(dirs, tmp_path, capsys):
+    """`tune --sketch DIR` times the saved model's own layer shapes, bits and groups per row."""
+    from spallm_ext import kernels, tuning
+
+    _, _, _, out = dirs
+    path = tmp_path / "tuning.json"
+    try:
+        assert main(["tune", "--device", "cpu", "--sketch", str(out), "--tokens", "1,4", "--budget-ms", "1",
+                     "--out", str(path)]) == 0
+        saved = tuning.load_tuning(path, apply=False)
+        meta = json.loads((out / "spallm_config.json").read_text())["modules"].values()
+        assert sorted(map(tuple, saved.meta["shapes"])) == sorted({(m["out_features"], m["in_features"]) for m in meta})
+        assert saved.meta["bits"] == 3 and saved.meta["groups_per_row"] == 2
+        capsys.readouterr()
+        assert main(["tune", "--device", "cpu", "--sketch", str(out), "--shapes", "64x64"]) == 2
+        assert "not both" in capsys.readouterr().err
+        assert main(["tune", "--device", "cpu", "--sketch", str(tmp_path / "nowhere")]) == 2
+    finally:
+        kernels.reset_dispatch_thresholds("cpu")

@@ -32,6 +32,7 @@ VECTOR_SHAPES = [(4, 1, 8), (4, 4, 64), (4, 2, 512), (3, 1, 8), (3, 8, 128), (3,
 TOKENS = [1, 2, 3, 4, 5, 6, 7, 8, 13, 16, 17, 40, 64, 65]
 GEMV_MAX_TOKENS = {"avx2": 16, "avx512": 4096}
 BF16_GEMV_MAX_TOKENS = 32
+BF16_GEMV_MIN_TOKENS = 1
 
 
 @pytest.fixture(autouse=True)
@@ -49,14 +50,15 @@ def vector_isa(path: str, group_size: int) -> str | None:
 
 
 def expected_plan(path: str, m: int, group_size: int, acc: torch.dtype, x_dtype: torch.dtype = torch.float32,
-                  forward: bool = True) -> str:
+                  forward: bool = True, bf16_gemv_min: int = BF16_GEMV_MIN_TOKENS) -> str:
     """The plan of lut_linear (forward) / lut_linear_dx with m tokens whose activations (x, or dy)
     are x_dtype."""
     isa = vector_isa(path, group_size)
     if isa is None or acc != torch.float32:
         return "portable_tiles"
     bf16_dot = path == "avx512bf16" or (path == "auto" and HAS_AVX512BF16)
-    if forward and bf16_dot and x_dtype == torch.bfloat16 and 1 <= m <= BF16_GEMV_MAX_TOKENS and group_size % 32 == 0:
+    if forward and bf16_dot and x_dtype == torch.bfloat16 and bf16_gemv_min <= m <= BF16_GEMV_MAX_TOKENS and \
+            group_size % 32 == 0:
         return "avx512bf16_gemv"
     bf16_tiles = path == "bf16" or (path == "auto" and AUTO_BF16)
     if bf16_tiles and m >= (16 if isa == "avx512" else 8) and x_dtype == torch.bfloat16:
@@ -197,9 +199,11 @@ def test_bf16_dot_pass(bits, groups, k, m, lut_dtype):
     x, bias = randn(m, k, dtype=torch.bfloat16, seed=m), randn(n, dtype=torch.bfloat16, seed=m + 1)
     path = "avx512bf16" if HAS_AVX512BF16 else PATHS[-1]
     kernels.set_cpu_kernel(path)
-    y = spallm_ext.lut_linear(x, codes, lut, bias)
-    plan = expected_plan(path, m, k // groups, torch.float32, torch.bfloat16)
-    assert kernels.last_cpu_plan() == plan
+    # Every token count the dot products can be tuned to take, single tokens included.
+    with kernels.use_dispatch_thresholds("cpu", bf16_gemv_min_tokens=1):
+        y = spallm_ext.lut_linear(x, codes, lut, bias)
+        plan = expected_plan(path, m, k // groups, torch.float32, torch.bfloat16, bf16_gemv_min=1)
+        assert kernels.last_cpu_plan() == plan
     assert plan == "avx512bf16_gemv" or not HAS_AVX512BF16 or m > BF16_GEMV_MAX_TOKENS
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     assert_one_bf16_rounding(y, x, codes, lut_as_run(lut, plan), bias)

@@ -37,7 +37,8 @@ def _sketch(n, k, bits, groups, seed=0):
 def test_threshold_names_and_builtin_values():
     assert set(kernels.dispatch_thresholds("cuda")) == {"direct_max_tokens", "regs_max_tokens", "mma_max_tokens",
                                                         "dx_mma_max_tokens", "decode_min_tokens"}
-    assert set(kernels.dispatch_thresholds("cpu")) == {"gemv_max_tokens", "bf16_min_tokens", "bf16_gemv_max_tokens"}
+    assert set(kernels.dispatch_thresholds("cpu")) == {"gemv_max_tokens", "bf16_min_tokens", "bf16_gemv_min_tokens",
+                                                       "bf16_gemv_max_tokens"}
     for device in kernels.THRESHOLD_DEVICES:
         assert kernels.dispatch_thresholds(device) == kernels.dispatch_thresholds(device, builtin=True)
     cuda = kernels.dispatch_thresholds("cuda", builtin=True)
@@ -112,22 +113,25 @@ def test_cpu_threshold_moves_the_path_not_the_result(dtype):
         assert plans[0].endswith("_gemv") and plans[1].endswith("_tiles"), plans
 
 
-def test_cpu_bf16_gemv_threshold():
+@pytest.mark.parametrize("m", [1, 4])
+def test_cpu_bf16_gemv_thresholds(m):
     codes, lut = _sketch(64, 256, 4, 2, seed=2)
-    x = torch.randn(4, 256).bfloat16()
+    x = torch.randn(m, 256).bfloat16()
     ref = reference.lut_linear(x.double(), codes, lut.bfloat16().double())
-    with kernels.use_dispatch_thresholds("cpu", bf16_gemv_max_tokens=4):
-        y = torch.ops.spallm.lut_linear(x, codes, lut)
-        on = kernels.last_cpu_plan()
-    with kernels.use_dispatch_thresholds("cpu", bf16_gemv_max_tokens=3):
-        torch.ops.spallm.lut_linear(x, codes, lut)
-        off = kernels.last_cpu_plan()
-    assert off != "avx512bf16_gemv"
+    plans = {}
+    for name, setting in (("on", dict(bf16_gemv_min_tokens=m, bf16_gemv_max_tokens=m)),
+                          ("above_max", dict(bf16_gemv_min_tokens=1, bf16_gemv_max_tokens=m - 1)),
+                          ("below_min", dict(bf16_gemv_min_tokens=m + 1, bf16_gemv_max_tokens=32))):
+        with kernels.use_dispatch_thresholds("cpu", **setting):
+            y = torch.ops.spallm.lut_linear(x, codes, lut)
+            plans[name] = kernels.last_cpu_plan()
+        if plans[name] == "avx512bf16_gemv":
+            torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    assert plans["above_max"] != "avx512bf16_gemv" and plans["below_min"] != "avx512bf16_gemv"
     if "avx512bf16" in kernels.cpu_kernels():
-        assert on == "avx512bf16_gemv"
-        torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+        assert plans["on"] == "avx512bf16_gemv"
     else:
-        assert on == off
+        assert plans["on"] == plans["above_max"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,12 +191,16 @@ def test_decide_cuda_regs_never_below_direct():
 def test_decide_cpu_from_synthetic_timings():
     ms = [1, 2, 4, 8, 16, 32, 64, 128]
     rows = _rows("linear", "fp32", dict(gemv={m: m for m in ms}, tiles={m: 10 + m / 4 for m in ms}))
-    rows += _rows("linear", "bf16", dict(bf16_gemv={m: m / 2 for m in ms}, fp32_pass={m: m for m in ms},
-                                         bf16_tiles={m: 11 + m / 8 for m in ms}))
+    rows += _rows("linear", "bf16", dict(bf16_gemv={m: 1.5 if m == 1 else m / 2 for m in ms},
+                                         fp32_pass={m: m for m in ms}, bf16_tiles={m: 11 + m / 8 for m in ms}))
     got = tuning.decide_cpu(rows, kernels.dispatch_thresholds("cpu", builtin=True))
-    # gemv: m < 10 + m/4 up to m = 8 (13.3 at 16 loses). bf16 dot products: m/2 < 11 + m/8 up to 16;
-    # past 16 the tiles beat the fp32 pass everywhere, so they start right after.
-    assert got == dict(gemv_max_tokens=8, bf16_gemv_max_tokens=16, bf16_min_tokens=17)
+    # gemv: m < 10 + m/4 up to m = 8 (13.3 at 16 loses). bf16: one token is faster on the fp32
+    # pass (1 < 1.5), the dot products win from 2 while m/2 < 11 + m/8, up to 16; past 16 the
+    # tiles beat the fp32 pass everywhere, so they start right after.
+    assert got == dict(gemv_max_tokens=8, bf16_gemv_min_tokens=2, bf16_gemv_max_tokens=16, bf16_min_tokens=17)
+    # The dot products fitted only where they run: a slow first token does not shorten their range.
+    rows = [r for r in rows if not (r["path"] == "bf16_gemv" and r["M"] == 1)]
+    assert tuning.decide_cpu(rows, kernels.dispatch_thresholds("cpu", builtin=True))["bf16_gemv_min_tokens"] == 1
 
 
 # ------------------------------------------------------------------------------------------------

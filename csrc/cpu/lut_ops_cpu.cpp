@@ -57,12 +57,12 @@ constexpr int64_t kTileElems = int64_t(1) << 20;
 // These are the built-in rules; spallm_ext.kernels.set_dispatch_thresholds("cpu", ...) and tuning
 // files (`spallm-ext tune --device cpu`, which measures the crossovers on the machine at hand)
 // override them for whichever vector kernels run.
-enum CpuThreshold : int { kGemvMax = 0, kBf16Min, kBf16GemvMax, kCpuThresholdCount };
+enum CpuThreshold : int { kGemvMax = 0, kBf16Min, kBf16GemvMin, kBf16GemvMax, kCpuThresholdCount };
 constexpr const char* kCpuThresholdNames[kCpuThresholdCount] = {"gemv_max_tokens", "bf16_min_tokens",
-                                                                "bf16_gemv_max_tokens"};
-constexpr int64_t kCpuThresholdLow[kCpuThresholdCount] = {0, 1, 0};
+                                                                "bf16_gemv_min_tokens", "bf16_gemv_max_tokens"};
+constexpr int64_t kCpuThresholdLow[kCpuThresholdCount] = {0, 1, 1, 0};
 constexpr int64_t kAnyTokens = int64_t(1) << 40;
-std::atomic<int64_t> g_cpu_threshold[kCpuThresholdCount] = {{-1}, {-1}, {-1}};  // -1: the rule
+std::atomic<int64_t> g_cpu_threshold[kCpuThresholdCount] = {{-1}, {-1}, {-1}, {-1}};  // -1: the rule
 
 int64_t cpu_threshold(CpuThreshold t, int64_t builtin) {
   const int64_t v = g_cpu_threshold[t].load();
@@ -85,6 +85,12 @@ int64_t bf16_min_tokens(const cpu::VectorKernels& vec) {
 // G = 4) 0.48 ms at 8 tokens (fp32 pass 0.89, dense bf16 matmul 1.10), 1.6 ms at 24 (bf16 tiles
 // 2.3-2.7), 2.1 at 32 (tiles 2.5-2.9), even at 40 (3.4 vs 3.3), behind from 48 (3.8 vs 3.6).
 constexpr int64_t kBf16GemvMaxTokens = 32;
+// ... and from this many. One token is shape-dependent (bench/results/tune_cpu.json and README):
+// on 4096 x 4096, 4-bit G = 4, the fp32 pass is ~15 % faster (0.25 vs 0.29 ms; 11008 x 4096: 0.99 vs
+// 1.2; at G = 1 they are even), on SmolLM2's cache-resident 576- and 1536-wide layers the dot
+// products are 5-10 % faster. The built-in value keeps single tokens on the dot products; a
+// tuning on the model's own shapes (`spallm-ext tune --device cpu --shapes ...`) can move it.
+constexpr int64_t kBf16GemvMinTokens = 1;
 
 enum class CpuPath { kAuto, kPortable, kAvx2, kAvx512, kBf16, kAvx512Bf16 };
 std::atomic<CpuPath> g_cpu_path{CpuPath::kAuto};
@@ -112,12 +118,13 @@ std::string plan_name(const cpu::VectorKernels* vec, const char* what) {
   return std::string(vec != nullptr ? vec->name : "portable") + what;
 }
 
-// The bf16 dot-product pass for a bf16 model's forward at up to kBf16GemvMaxTokens tokens, on
+// The bf16 dot-product pass for a bf16 model's forward at kBf16GemvMinTokens..kBf16GemvMaxTokens tokens, on
 // "auto" and "avx512bf16" (which otherwise runs the AVX-512 kernels); nullptr where it does not apply
 // (no AVX512-BF16, group size not a multiple of 32, other dtypes or paths).
 const cpu::VectorKernels* bf16_gemv_kernels(const LutShape& s, at::ScalarType act, int64_t M) {
   const CpuPath p = g_cpu_path.load();
-  if (act != at::kBFloat16 || M < 1 || M > cpu_threshold(kBf16GemvMax, kBf16GemvMaxTokens) ||
+  if (act != at::kBFloat16 || M < cpu_threshold(kBf16GemvMin, kBf16GemvMinTokens) ||
+      M > cpu_threshold(kBf16GemvMax, kBf16GemvMaxTokens) ||
       (p != CpuPath::kAuto && p != CpuPath::kAvx512Bf16)) {
     return nullptr;
   }
@@ -479,7 +486,8 @@ std::vector<ThresholdRow> cpu_thresholds() {
   const cpu::VectorKernels* wide = cpu::avx512_kernels() != nullptr ? cpu::avx512_kernels() : cpu::avx2_kernels();
   const int width = wide != nullptr ? wide->width : 8;
   const int64_t builtin[kCpuThresholdCount] = {wide != nullptr ? builtin_gemv_max_tokens(width) : 0,
-                                               builtin_bf16_min_tokens(width), kBf16GemvMaxTokens};
+                                               builtin_bf16_min_tokens(width), kBf16GemvMinTokens,
+                                               kBf16GemvMaxTokens};
   std::vector<ThresholdRow> rows;
   for (int t = 0; t < kCpuThresholdCount; ++t) {
     rows.emplace_back(kCpuThresholdNames[t], cpu_threshold(static_cast<CpuThreshold>(t), builtin[t]), builtin[t],

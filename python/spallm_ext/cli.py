@@ -4,7 +4,7 @@
     spallm-ext ppl      DIR --text shakespeare:eval [--seq-len 512] [--max-tokens 16384]
     spallm-ext generate DIR --prompt "To be" [--adapter FILE] [--max-new-tokens 40]
     spallm-ext info     DIR|ADAPTER.safetensors
-    spallm-ext tune     [--device cuda|cpu] [--out FILE]   (measured dispatch thresholds)
+    spallm-ext tune     [--device cuda|cpu] [--sketch DIR | --shapes 4096x4096,...] [--out FILE]
 
 Errors (missing model, bad config, wrong directory) are reported in one line with exit code 2.
 """
@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     t.add_argument("--out", default=None, help="tuning JSON to write (use it with $SPALLM_EXT_TUNING)")
     t.add_argument("--shapes", default=None, help="layer shapes OUTxIN,... (default: Llama-3-8B's on cuda)")
+    t.add_argument("--sketch", default=None,
+                   help="a saved sketch directory: tune on its layers' shapes, bits and groups per row")
     t.add_argument("--tokens", default=None, help="token counts to time, e.g. 1,2,4,8,16,32")
     t.add_argument("--bits", type=int, default=4)
     t.add_argument("--groups", type=int, default=4, help="groups per row")
@@ -251,8 +253,21 @@ def cmd_tune(a) -> int:
         if not shapes or any(len(s) != 2 for s in shapes):
             raise CliError(f"--shapes must look like 4096x4096,14336x4096 (OUTxIN), got {a.shapes!r}")
     tokens = _int_list(a.tokens, "tokens") if a.tokens else None
+    bits, groups = a.bits, a.groups
+    if a.sketch:
+        if shapes:
+            raise CliError("give --shapes or --sketch, not both")
+        from collections import Counter
+
+        from .adapters import read_sketch_config
+        try:
+            mods = read_sketch_config(a.sketch)["modules"].values()
+        except (FileNotFoundError, ValueError) as e:
+            raise CliError(str(e)) from None
+        shapes = sorted({(m["out_features"], m["in_features"]) for m in mods})
+        bits, groups = Counter((m["bits"], m["groups_per_row"]) for m in mods).most_common(1)[0][0]
     try:
-        result = tuning.tune(a.device, shapes=shapes, tokens=tokens, bits=a.bits, groups_per_row=a.groups,
+        result = tuning.tune(a.device, shapes=shapes, tokens=tokens, bits=bits, groups_per_row=groups,
                              budget_ms=a.budget_ms)
     except (ValueError, RuntimeError) as e:
         raise CliError(str(e)) from None

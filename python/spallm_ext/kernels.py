@@ -174,8 +174,8 @@ def dispatch_thresholds(device: str, *, builtin: bool = False) -> dict[str, int]
     ``decode_min_tokens`` (where no tensor-core kernel runs: ``decode_gemm`` from this M, the simple
     kernels below). CPU: ``gemv_max_tokens`` (the fused vector pass up to this M, decode + BLAS
     beyond), ``bf16_min_tokens`` (bf16 activations take the bf16 tiles from this M, where the CPU
-    path uses them) and ``bf16_gemv_max_tokens`` (a bf16 model's forward on AVX512-BF16 dot products
-    up to this M). Thresholds never change results beyond the rounding the paths already differ by.
+    path uses them), ``bf16_gemv_min_tokens`` and ``bf16_gemv_max_tokens`` (a bf16 model's forward
+    on AVX512-BF16 dot products between these M; outside, the fp32 pass or the bf16 tiles). Thresholds never change results beyond the rounding the paths already differ by.
     A CPU-only build lists the CUDA built-ins and cannot set them.
     """
     return {name: (base if builtin else value) for name, value, base, _, _ in _threshold_rows(device)}

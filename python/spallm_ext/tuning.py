@@ -20,9 +20,9 @@ dispatch loses least: the sum over the measured M of the log of the time the dis
 kernels cannot express (a path best only in the middle of the range) is still the best compromise.
 Where the best setting is the largest M measured, the larger of it and the built-in value is kept
 (what lies beyond was not measured). A "from" threshold (``decode_min_tokens``,
-``bf16_min_tokens``) is one past the "up to" threshold of the path it replaces. Thresholds are
-fitted in the order the dispatch asks them. Only the choice of path changes; results agree across
-paths within the rounding they already differ by.
+``bf16_min_tokens``, ``bf16_gemv_min_tokens``) is one past the "up to" threshold of the path it
+replaces. Thresholds are fitted in the order the dispatch asks them. Only the choice of path
+changes; results agree across paths within the rounding they already differ by.
 """
 from __future__ import annotations
 
@@ -180,7 +180,13 @@ def decide_cpu(rows: Sequence[dict], builtin: dict[str, int]) -> dict[str, int]:
     if gemv is not None:
         out["gemv_max_tokens"] = gemv
     bf16 = path_times(rows, "linear", "bf16")
-    dot = _fit(bf16, _path("bf16_gemv"), ("fp32_pass", "bf16_tiles"), builtin["bf16_gemv_max_tokens"])
+    # bf16 activations: the fp32 pass below bf16_gemv_min_tokens, the dot products up to
+    # bf16_gemv_max_tokens, then the fp32 pass again until bf16_min_tokens, then the bf16 tiles.
+    below = _fit(bf16, _path("fp32_pass"), ("bf16_gemv",), builtin["bf16_gemv_min_tokens"] - 1)
+    if below is not None:
+        out["bf16_gemv_min_tokens"] = below + 1
+    dot = _fit(bf16, _path("bf16_gemv"), ("fp32_pass", "bf16_tiles"), builtin["bf16_gemv_max_tokens"],
+               lo=out["bf16_gemv_min_tokens"] - 1)
     if dot is not None:
         out["bf16_gemv_max_tokens"] = dot
     # Past the dot-product pass: the fp32 pass (bf16 x converted) until bf16_min_tokens, then tiles.
@@ -260,7 +266,7 @@ _CPU_PATHS = {
     ("fp32", "tiles"): (dict(gemv_max_tokens=0), "_tiles"),
     ("bf16", "fp32_pass"): (dict(bf16_min_tokens=_BIG, bf16_gemv_max_tokens=0), ""),
     ("bf16", "bf16_tiles"): (dict(bf16_min_tokens=1, bf16_gemv_max_tokens=0), "bf16_tiles"),
-    ("bf16", "bf16_gemv"): (dict(bf16_gemv_max_tokens=_BIG), "avx512bf16_gemv"),
+    ("bf16", "bf16_gemv"): (dict(bf16_gemv_min_tokens=1, bf16_gemv_max_tokens=_BIG), "avx512bf16_gemv"),
 }
 
 
