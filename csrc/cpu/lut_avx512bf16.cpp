@@ -1,6 +1,7 @@
 // The fused CPU pass of csrc/cpu/lut_vec.h for bf16 models, on AVX512-BF16 dot products. The
 // decode is lut_avx512.cpp's (sixteen codes per vpermps, fp32 lanes); two decodes make a step of
-// 32 columns, packed into bf16 pairs (vcvtne2ps2bf16, exact: the LUT values are bf16 already), and
+// 32 columns, packed into bf16 pairs (vcvtne2ps2bf16: exact for a bf16 LUT, round to nearest even
+// for an fp32 one, so W is rounded to bf16 once, as lut.to(bf16) does), and
 // one vdpbf16ps per token then multiplies the 32 weights with the token's 32 bf16 values and adds
 // the pairs into 16 fp32 lanes. Per weight and token that is half the instructions of the fp32 FMA
 // pass, the tokens are read as bf16 (half the bytes) and never converted to fp32 first.

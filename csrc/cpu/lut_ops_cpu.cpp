@@ -85,11 +85,8 @@ int64_t bf16_min_tokens(const cpu::VectorKernels& vec) {
 // G = 4) 0.48 ms at 8 tokens (fp32 pass 0.89, dense bf16 matmul 1.10), 1.6 ms at 24 (bf16 tiles
 // 2.3-2.7), 2.1 at 32 (tiles 2.5-2.9), even at 40 (3.4 vs 3.3), behind from 48 (3.8 vs 3.6).
 constexpr int64_t kBf16GemvMaxTokens = 32;
-// ... and from this many. One token is shape-dependent (bench/results/tune_cpu.json and README):
-// on 4096 x 4096, 4-bit G = 4, the fp32 pass is ~15 % faster (0.25 vs 0.29 ms; 11008 x 4096: 0.99 vs
-// 1.2; at G = 1 they are even), on SmolLM2's cache-resident 576- and 1536-wide layers the dot
-// products are 5-10 % faster. The built-in value keeps single tokens on the dot products; a
-// tuning on the model's own shapes (`spallm-ext tune --device cpu --shapes ...`) can move it.
+// ... and from this many (a tuning knob; single tokens measured even or faster on the dot products
+// once an fp32 LUT no longer took a separate rounding pass, bench/results/tune_cpu*.json).
 constexpr int64_t kBf16GemvMinTokens = 1;
 
 enum class CpuPath { kAuto, kPortable, kAvx2, kAvx512, kBf16, kAvx512Bf16 };
@@ -289,7 +286,10 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
     const at::Tensor xb = as_tokens(x).contiguous();
     const int64_t M = xb.size(0);
     at::Tensor y = at::empty({M, s.N}, x.options().dtype(at::kFloat));
-    const at::Tensor lut32 = lut_for_decode(lut, /*to_bf16=*/true);
+    // No separate rounding pass over an fp32 LUT: the kernel's vcvtne2ps2bf16 rounds each looked-up
+    // value to nearest even, as lut.to(bf16) would (a pass that cost one token's call ~15 % on a
+    // 4096 x 4096 G = 4 layer).
+    const at::Tensor lut32 = lut.to(at::kFloat).contiguous();
     const cpu::CodeRows w = code_rows(s, codes, lut32);
     const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
     float* yp = y.data_ptr<float>();
