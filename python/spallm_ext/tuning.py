@@ -326,8 +326,10 @@ def _tune_cuda(shapes, tokens, bits, groups, budget_ms, progress) -> list[dict]:
         for op, dtype, path, m in cases:
             act = torch.bfloat16 if dtype == "bf16" else torch.float32
             x = torch.randn(m, n if op == "dx" else k, device="cuda", dtype=act)
-            fn = (lambda: torch.ops.spallm.lut_linear_dx(x, codes, lut)) if op == "dx" else \
-                 (lambda: torch.ops.spallm.lut_linear(x, codes, lut))
+            op_fn = torch.ops.spallm.lut_linear_dx if op == "dx" else torch.ops.spallm.lut_linear
+
+            def fn(op_fn=op_fn, x=x, codes=codes, lut=lut):
+                return op_fn(x, codes, lut)
             with torch.no_grad(), kernels.use_cuda_kernel(path):
                 fn()
                 ran = kernels.last_cuda_plan().split()[0]
@@ -336,7 +338,6 @@ def _tune_cuda(shapes, tokens, bits, groups, budget_ms, progress) -> list[dict]:
                                      median_us=_time_cuda(fn, budget_ms)))
             if bar is not None:
                 bar.update()
-        del codes, lut
     if bar is not None:
         bar.close()
     return rows
