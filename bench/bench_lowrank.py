@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import random_sketch, runs_for, time_cpu, time_cuda, write_results  # noqa: E402
+from common import random_sketch, rel_err, timer, write_results  # noqa: E402
 
 import spallm_ext  # noqa: E402
 from spallm_ext import kernels  # noqa: E402
@@ -39,16 +39,6 @@ RANKS = [16, 32, 64, 128]
 SMOKE_SHAPES = [(48, 64), (32, 96)]
 SMOKE_MS = [1, 5]
 SMOKE_RANKS = [4, 8]
-
-
-def _timer(device: str, budget_ms: float):
-    if device == "cpu":
-        return lambda fn: time_cpu(fn, min_runs=3, min_seconds=budget_ms / 1e3, warmup=1)
-
-    def timed(fn):
-        return time_cuda(fn, runs=runs_for(fn, budget_ms))
-
-    return timed
 
 
 def unfused(x, codes, lut, l1, l2):
@@ -80,7 +70,8 @@ def main(argv=None) -> dict:
         ms = args.ms or ([1, 16, 64, 256, 4096] if args.quick else MS)
         ranks, budget = args.ranks or RANKS, args.budget_ms
     lr_dtype = getattr(torch, args.lowrank_dtype)
-    timed = _timer(dev, budget)
+    timed = timer(dev, budget)
+    last_plan = kernels.last_cpu_plan if dev == "cpu" else kernels.last_cuda_plan
     rows = []
     print(f"{'N':>6} {'K':>6} {'M':>5} {'b':>2} {'G':>2} {'r':>4} {'impl':<15} {'us':>10} {'vs cuBLAS':>9} {'vs spallm':>9}")
 
@@ -92,37 +83,41 @@ def main(argv=None) -> dict:
         print(f"{n:>6} {k:>6} {m:>5} {bits:>2} {g:>2} {rank:>4} {impl:<15} {t['median_us']:>10.1f} "
               f"{row['speedup_vs_cublas']:>8.2f}x {row['overhead_vs_spallm']:>8.2f}x", flush=True)
 
+    out = {"l2_flushed": dev == "cuda", "lowrank_dtype": args.lowrank_dtype, "cpu_smoke": args.cpu_smoke}
     gen = torch.Generator().manual_seed(0)
-    for n, k in shapes:
+    for done, (n, k) in enumerate(shapes):
         w = (torch.randn(n, k, generator=gen) * 0.02).to(device=dev, dtype=torch.bfloat16)
         factors = {r: ((torch.randn(k, r, generator=gen) / k ** 0.5).to(dev, lr_dtype),
                        (torch.randn(r, n, generator=gen) * 0.02).to(dev, lr_dtype)) for r in ranks}
+        # One sketch per (bits, G) and shape, reused at every M (bench_forward.py says why).
+        sketches = {(b, g): random_sketch(n, k, b, g, dev, seed=n + k + b) for b in args.bits for g in args.groups}
         for m in ms:
             x = torch.randn(m, k, generator=gen).to(device=dev, dtype=torch.bfloat16)
             base = timed(lambda: torch.matmul(x, w.T))
             emit("cublas_bf16", m, n, k, 16, 0, 0, base, base, None)
             for bits in args.bits:
                 for g in args.groups:
-                    codes, lut = random_sketch(n, k, bits, g, dev)
+                    codes, lut = sketches[bits, g]
                     plain = timed(lambda: spallm_ext.lut_linear(x, codes, lut))
                     emit("spallm", m, n, k, bits, g, 0, plain, base, plain)
                     for r in ranks:
                         l1, l2 = factors[r]
                         l1x, l2x = l1.to(x.dtype), l2.to(x.dtype)   # unfused GEMMs need one dtype
-                        y_ref = unfused(x, codes, lut, l1x, l2x).float()
-                        y = spallm_ext.lut_linear_lowrank(x, codes, lut, l1, l2).float()
-                        err = float((y - y_ref).norm() / y_ref.norm().clamp_min(1e-30))
+                        y_ref = unfused(x, codes, lut, l1x, l2x)
+                        y = spallm_ext.lut_linear_lowrank(x, codes, lut, l1, l2)
+                        err, plan = rel_err(y, y_ref), last_plan()  # the plan before other calls replace it
                         emit("unfused", m, n, k, bits, g, r, timed(lambda: unfused(x, codes, lut, l1x, l2x)),
                              base, plain)
-                        plan = kernels.last_cuda_plan()
                         emit("spallm_lowrank", m, n, k, bits, g, r,
                              timed(lambda: spallm_ext.lut_linear_lowrank(x, codes, lut, l1, l2)), base, plain,
                              rel_err_vs_unfused=err, plan=plan)
                         with kernels.use_lowrank_t("gemm"):
                             emit("spallm_lowrank_tgemm", m, n, k, bits, g, r,
                                  timed(lambda: spallm_ext.lut_linear_lowrank(x, codes, lut, l1, l2)), base, plain)
-    out = {"l2_flushed": dev == "cuda", "lowrank_dtype": args.lowrank_dtype, "cpu_smoke": args.cpu_smoke}
-    write_results(args.out, dev, rows, **out)
+        # Rewritten after every shape, so a run cut off by the machine's limit keeps what it measured.
+        last = done == len(shapes) - 1
+        write_results(args.out, dev, rows, **out, **({} if last else {"partial": True}),
+                      shapes_done=[list(s) for s in shapes[:done + 1]])
     return {**out, "rows": rows}
 
 

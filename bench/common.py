@@ -112,7 +112,43 @@ def time_cuda_graph(fn, *, runs: int = 100, warmup: int = 3, flush_l2: bool = Tr
     return out
 
 
+def timer(device: str, budget_ms: float, graph_below_us: float | None = None):
+    """A function that times a call within ``budget_ms`` and returns time_cpu / time_cuda's dict.
+    On CUDA the runs are fitted to the budget (runs_for) and calls under ``graph_below_us`` are
+    re-timed as CUDA-graph replays, so the launch gaps between one call's kernels do not count."""
+    if device == "cpu":
+        return lambda fn: time_cpu(fn, min_runs=3, min_seconds=budget_ms / 1e3, warmup=1)
+
+    def timed(fn):
+        t = time_cuda(fn, runs=runs_for(fn, budget_ms))
+        if graph_below_us and t["median_us"] < graph_below_us:
+            t = time_cuda_graph(fn, runs=max(t["runs"], 50))
+        return t
+
+    return timed
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """||y - ref|| / ||ref|| in fp32: the error a benchmark row records beside its time."""
+    y, ref = y.float(), ref.float()
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'4096x4096,1024x4096' -> [(4096, 4096), (1024, 4096)] (out_features x in_features)."""
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise ValueError(f"--shapes: expected NxK[,NxK...] with positive sizes, got {text!r}")
+    return shapes
+
+
 def write_results(path: str | os.PathLike, device: str, rows: list[dict], **extra) -> None:
+    """The results JSON: metadata(device), ``extra`` fields, then ``rows``. Long GPU sweeps call it
+    after every shape with ``partial=True`` so a run cut off by the machine's time limit still
+    leaves what it measured."""
     out = {**metadata(device), **extra, "rows": rows}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
