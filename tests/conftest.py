@@ -16,11 +16,18 @@ import torch
 import spallm_ext
 from spallm_ext.formats import pack_unit
 
-HAS_CUDA = torch.cuda.is_available()
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+HAS_CUDA = torch.cuda.is_available() and spallm_ext.build_info()["cuda"]
+requires_cuda = pytest.mark.skipif(
+    not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)" if not torch.cuda.is_available()
+    else "a GPU is present but this build of spallm_ext has no CUDA kernels (rebuild with nvcc)")
 CUDA_MARKS = [requires_cuda, pytest.mark.cuda]
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=CUDA_MARKS)]
+
+# The tests that check which kernel runs assume the built-in dispatch thresholds: a tuning file
+# applied at import ($SPALLM_EXT_TUNING, spallm_ext.tuning) is undone for the test session.
+for _device in spallm_ext.kernels.THRESHOLD_DEVICES:
+    spallm_ext.kernels.reset_dispatch_thresholds(_device)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ALL_BITS = (2, 3, 4)

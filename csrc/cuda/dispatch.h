@@ -49,7 +49,9 @@ struct Plan {
   Path path = Path::Simple;
   int block_m = 0;  // mma: tokens per block tile (16, 32, 64 or 128; mma_regs(_direct): 16 or 32)
   int splits = 1;   // mma: K split across blocks; > 1 needs an fp32 workspace [splits, M, N]
-  const char* branch = "";  // lut_linear_lowrank on mma: "t=on-chip" or "t=gemm" (ops.cpp sets it)
+  // Set by ops.cpp: lut_linear_lowrank on mma, "t=on-chip" or "t=gemm"; a multi-adapter batch
+  // served by one launch, "adapters=one-launch".
+  const char* branch = "";
   const char* why = "";  // one line: why this path (tests and debugging read it)
 };
 

@@ -326,6 +326,7 @@ at::Tensor cuda_lut_linear_entry(const at::Tensor& x, const at::Tensor& codes, c
   }
   const AdapterOrder ao = sort_by_adapter(op, *adapter_index, p.M, adapters, codes);
   t_last_plan = plan;
+  t_last_plan.branch = "adapters=one-launch";  // tells this launch from the per-adapter fallback
   const at::Tensor xs = x2.index_select(0, ao.order);
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor ys = at::empty({p.M, s.N}, x.options());
