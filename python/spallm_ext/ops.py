@@ -202,9 +202,10 @@ def _lowrank_backward(ctx, dy):
     dx = dlut = dl1 = dl2 = dbias = None
     u = dy2 @ l2a.T if (need_x or need_l1) else None                      # dy l2^T: [M, rank]
     if need_x:
-        # lut_linear_dx gets dy in the accumulation dtype, so dx is rounded once, like y.
-        dxq = torch.ops.spallm.lut_linear_dx(dy2, codes, lut, None)
-        dx = torch.addmm(dxq, u, l1a.T).to(x.dtype).reshape(x.shape)
+        # lut_linear_dx in dy's own dtype, as SketchedLinear's backward calls it (bf16/fp16 dy takes
+        # the tensor-core kernel on CUDA, an fp32 dy would not); the branch's part is added in fp32.
+        dxq = torch.ops.spallm.lut_linear_dx(dy.reshape(-1, n), codes, lut, None)
+        dx = torch.addmm(dxq.to(acc), u, l1a.T).to(x.dtype).reshape(x.shape)
     if need_lut:
         dlut = torch.ops.spallm.lut_grad(dy, x, codes, lut.shape[-2], lut.shape[-1], None, 0,
                                          deterministic_grads()).to(lut.dtype)
