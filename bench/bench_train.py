@@ -36,6 +36,7 @@ import gc
 import math
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -326,6 +327,9 @@ def main(argv: list[str] | None = None) -> dict:
                 block, info = build(impl, kind, shape, device)
             except (Skip, torch.cuda.OutOfMemoryError) as e:
                 why = str(e).splitlines()[0]
+            except Exception as e:  # noqa: BLE001  (e.g. bitsandbytes imports but has no kernels for this GPU)
+                traceback.print_exc()
+                why = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             if why is not None:
                 skipped.append({"impl": impl, "block": kind, "reason": why})
                 print(f"skip {impl} ({kind}): {why}", flush=True)
@@ -344,6 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
                     t = time_step(step, device, args.warmup, args.iters, args.budget_s)
                 except torch.cuda.OutOfMemoryError as e:
                     why = "out of memory: " + str(e).splitlines()[0]
+                except Exception as e:  # noqa: BLE001  (one failing impl must not lose the other rows)
+                    traceback.print_exc()
+                    why = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 # Outside the except clause, so the traceback's frames (holding the step's
                 # activations) are gone before the memory is released.
                 if why is not None:
@@ -362,6 +369,8 @@ def main(argv: list[str] | None = None) -> dict:
                 _free(device)
             del block
             _free(device)
+            # What is measured so far reaches disk: a run cut off by the machine's limit keeps it.
+            write_results(args.out, args.device, rows, partial=True, skipped=skipped)
 
     add_ratios(rows)
     gl = goals(rows, shape)

@@ -116,3 +116,45 @@ def test_sketchtune_ref_linear_against_reference():
             err = ((got.double() - want.double()).norm() / want.double().norm()).item()
             assert err < 1e-2, (mode, err)
         assert ref.lut.grad.dtype == torch.bfloat16  # the official LUT has no fp32 master copy
+
+
+def test_a_failing_impl_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    """An impl whose block cannot be built or stepped (bitsandbytes without kernels for the GPU, a
+    kernel error) becomes a `skipped` entry with the error; the rows of the others are kept, and
+    the file on disk after the first impl already holds that impl's rows."""
+    bench_train = _load("bench_train")
+    out = tmp_path / "train.json"
+    real_build, real_step = bench_train.build, bench_train.make_step
+    seen = []
+
+    def build(impl, *args, **kwargs):
+        if impl == "sketchtune_ref":
+            seen.append(json.loads(out.read_text()))  # written after the impl before it
+            raise RuntimeError("no kernel image for this device")
+        return real_build(impl, *args, **kwargs)
+
+    def make_step(block, x, dy):
+        step, clear = real_step(block, x, dy)
+        if x.numel() // x.shape[-1] == 32 and not any(p.requires_grad and "lut" in n for n, p in block.named_parameters()):
+            def step():  # noqa: F811  (the dense impl fails at one M only)
+                raise ValueError("illegal memory access")
+        return step, clear
+
+    monkeypatch.setattr(bench_train, "build", build)
+    monkeypatch.setattr(bench_train, "make_step", make_step)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        bench_train.main(["--tiny", "--device", "cpu", "--blocks", "mlp", "--impls", "dense_bf16", "spallm",
+                          "sketchtune_ref", "--M", "16", "32", "--warmup", "0", "--iters", "1", "--no-grad-check",
+                          "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads(out.read_text())
+    assert "partial" not in res
+    assert {(r["impl"], r["M"]) for r in res["rows"]} == {("dense_bf16", 16), ("spallm", 16), ("spallm", 32)}
+    assert {(s["impl"], s.get("M"), s["reason"]) for s in res["skipped"]} == {
+        ("dense_bf16", 32, "error: ValueError: illegal memory access"),
+        ("sketchtune_ref", None, "error: RuntimeError: no kernel image for this device")}
+    assert seen[0]["partial"] is True
+    assert {(r["impl"], r["M"]) for r in seen[0]["rows"]} == {("dense_bf16", 16), ("spallm", 16), ("spallm", 32)}
