@@ -14,19 +14,33 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+if [ -z "${SPALLM_COMMIT:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1; then
+  echo "warning: no .git on this machine and SPALLM_COMMIT unset: results will say commit 'unknown'" \
+    "(run as SPALLM_COMMIT=<hash> bash bench/gpu_validate.sh ...)" | tee -a "$OUT/warnings.txt"
+fi
+has_cuda_build() {
+  python3 -c "import spallm_ext, sys; sys.exit(0 if spallm_ext.build_info()['cuda'] else 1)" 2>/dev/null
+}
+build() {
+  # The machine starts bare (and is handed back after a short idle): a _C*.so carried from an
+  # earlier call (copied from its $OUT into python/spallm_ext/) is reused when it loads and has
+  # CUDA; otherwise build in place, so PYTHONPATH=python finds it.
+  if ! has_cuda_build; then
+    rm -f python/spallm_ext/_C*.so
+    ( time python3 -m pip install --no-build-isolation --no-deps -e . ) > "$OUT/build.log" 2>&1
+    tail -5 "$OUT/build.log"
+  fi
+  cp python/spallm_ext/_C*.so "$OUT/" 2>/dev/null
+  python3 -c "import spallm_ext, json; print(json.dumps(spallm_ext.build_info()))" | tee "$OUT/build_info.json"
+}
 for s in "${steps[@]}"; do
+  # Every step needs the CUDA build: one named without `build` on a bare machine builds first.
+  [ "$s" = build ] || has_cuda_build || build
   case $s in
-    build)
-      # The machine starts bare: a _C*.so carried from an earlier call is reused when it loads
-      # and has CUDA; otherwise build (in place, so PYTHONPATH=python finds it).
-      if ! python3 -c "import spallm_ext; assert spallm_ext.build_info()['cuda']" 2>/dev/null; then
-        rm -f python/spallm_ext/_C*.so
-        ( time python3 -m pip install --no-build-isolation --no-deps -e . ) > "$OUT/build.log" 2>&1
-        tail -5 "$OUT/build.log"
-      fi
-      cp python/spallm_ext/_C*.so "$OUT/" 2>/dev/null
-      python3 -c "import spallm_ext, json; print(json.dumps(spallm_ext.build_info()))" | tee "$OUT/build_info.json" ;;
+    build) build ;;
     test)
+      # A build without CUDA would skip every CUDA test and still end green: refuse it instead.
+      has_cuda_build || { echo "test: this spallm_ext has no CUDA kernels (see $OUT/build.log)"; continue; }
       python3 -m pytest -q -n 8 tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15 ;;
     sanitize)
       # memcheck: the simple kernels' tests and a bf16 slice of every fast path; racecheck (slow,
