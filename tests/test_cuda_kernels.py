@@ -388,3 +388,33 @@ def test_dx_mma_split_is_deterministic():
     assert plan.startswith("mma") and int(plan.split("splits=")[1].split()[0]) > 1, plan
     assert torch.equal(a, spallm_ext.lut_linear_dx(dy, codes, lut))
     assert_close_rel(a, reference.lut_linear_dx(dy, codes, lut))
+
+
+def _misaligned(m: int, k: int, seed: int) -> torch.Tensor:
+    """A contiguous bf16 [m, k] view that starts 6 bytes into its buffer (not 16-byte aligned)."""
+    buf = randn(m * k + 3, dtype=torch.bfloat16, device="cuda", seed=seed)
+    t = buf[3:].view(m, k)
+    assert t.is_contiguous() and t.data_ptr() % 16 != 0
+    return t
+
+
+@pytest.mark.parametrize("m", [4, 40])
+def test_misaligned_activations_keep_the_tensor_core_kernels(m):
+    # A contiguous view at an odd offset is copied once to an aligned buffer rather than sending
+    # the call to the slow paths (the kernels' 16-byte loads need the alignment).
+    n, k = 256, 512
+    codes, lut = make_sketch(n, k, 4, 4, device="cuda", seed=m)
+    x, dy = _misaligned(m, k, 1), _misaligned(m, n, 2)
+    y = spallm_ext.lut_linear(x, codes, lut)
+    assert kernels.last_cuda_plan().startswith("mma"), kernels.last_cuda_plan()
+    _check_elementwise(y, x, codes, lut, None, torch.bfloat16)
+    dx = spallm_ext.lut_linear_dx(dy, codes, lut)
+    assert kernels.last_cuda_plan().startswith("mma"), kernels.last_cuda_plan()
+    assert_close_rel(dx, reference.lut_linear_dx(dy, codes, lut))
+    g = spallm_ext.lut_grad(dy, x, codes, 4, 16)
+    assert kernels.last_cuda_plan().startswith("mma"), kernels.last_cuda_plan()
+    assert_close_rel(g, reference.lut_grad(dy, x, codes, 4, 16), torch.float32, factor=2)
+    l1, l2 = randn(k, 8, device="cuda", seed=3) * 0.05, randn(8, n, device="cuda", seed=4) * 0.05
+    yl = spallm_ext.lut_linear_lowrank(x, codes, lut, l1, l2)
+    assert kernels.last_cuda_plan().startswith("mma"), kernels.last_cuda_plan()
+    assert_close_rel(yl, reference.lut_linear_lowrank(x, codes, lut, l1, l2))

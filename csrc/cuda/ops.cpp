@@ -39,6 +39,15 @@ cuda::DeviceInfo device_info(const at::Device& device) {
 
 uintptr_t address(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()); }
 
+// Activations as the kernels read them: [tokens, features], contiguous, and 16-byte aligned. A
+// contiguous view at an odd offset into a larger buffer (x = buf[3:].view(M, K)) is already
+// contiguous, so .contiguous() keeps its pointer, and the tensor-core kernels' 16-byte cp.async
+// loads would rule them out (simple kernel or decode + GEMM instead); one copy keeps them.
+at::Tensor kernel_tokens(const at::Tensor& t) {
+  at::Tensor c = as_tokens(t).contiguous();
+  return address(c) % 16 == 0 ? c : c.clone(at::MemoryFormat::Contiguous);
+}
+
 // What dispatch.cpp needs to know about a call besides its sizes. act_ptr 0: the activation is a
 // fresh (aligned) copy made later.
 cuda::CallInfo call_info(cuda::DType act, cuda::DType lut, uintptr_t act_ptr, const at::Tensor& codes) {
@@ -99,7 +108,7 @@ at::Tensor lut_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const a
   check_same_device(op, "x", x, "codes", codes);
   if (bias.has_value()) check_bias(op, *bias, x, s.N);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = as_tokens(x).contiguous();
+  const at::Tensor xc = kernel_tokens(x);
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const cuda::LutProblem p = problem(s, xc.size(0));
   const cuda::DType act = cuda_dtype(op, "x", x), lut_type = cuda_dtype(op, "lut", lut);
@@ -139,7 +148,7 @@ at::Tensor lut_linear_dx_cuda(const at::Tensor& dy, const at::Tensor& codes, con
   check_activation(op, "dy", dy, s.N, /*allow_double=*/false);
   check_same_device(op, "dy", dy, "codes", codes);
   const c10::cuda::CUDAGuard guard(dy.device());
-  const at::Tensor dyc = as_tokens(dy).contiguous();
+  const at::Tensor dyc = kernel_tokens(dy);
   const cuda::LutProblem p = problem(s, dyc.size(0));
   const cuda::DType act = cuda_dtype(op, "dy", dy), lut_type = cuda_dtype(op, "lut", lut);
   const cuda::CallInfo call = call_info(act, lut_type, address(dyc), codes);
@@ -180,8 +189,8 @@ at::Tensor lut_grad_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
   SPALLM_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), op, ": arguments 'dy' and 'x' must have one dtype, got ",
                     dy.scalar_type(), " and ", x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor dyc = as_tokens(dy).contiguous();
-  const at::Tensor xc = as_tokens(x).contiguous();
+  const at::Tensor dyc = kernel_tokens(dy);
+  const at::Tensor xc = kernel_tokens(x);
   SPALLM_CHECK_VALUE(dyc.size(0) == xc.size(0), op, ": arguments 'dy' and 'x' must have the same number of "
                      "tokens, got ", dyc.size(0), " and ", xc.size(0));
   const cuda::LutProblem p = problem(s, xc.size(0));
@@ -247,7 +256,7 @@ at::Tensor lut_linear_lowrank_cuda(const at::Tensor& x, const at::Tensor& codes,
   const c10::cuda::CUDAGuard guard(x.device());
   // The op's dtypes are its contract: autocast must not recast the GEMMs below.
   const NoAutocast no_autocast;
-  const at::Tensor xc = as_tokens(x).contiguous();
+  const at::Tensor xc = kernel_tokens(x);
   const cuda::LutProblem p = problem(s, xc.size(0));
   const cuda::DType act = cuda_dtype(op, "x", x), lut_type = cuda_dtype(op, "lut", lut);
   const cuda::CallInfo call = call_info(act, lut_type, address(xc), codes);
