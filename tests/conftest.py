@@ -9,6 +9,11 @@
 from __future__ import annotations
 
 import math
+import os
+
+# torch reads this once per process, at its first cuBLAS call: a test that turns deterministic
+# algorithms on (test_sketch_hessian) needs it set before any other test touches cuBLAS.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import pytest
 import torch

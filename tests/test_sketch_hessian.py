@@ -2,11 +2,13 @@
 LUT refit, determinism, dead columns, CPU/CUDA agreement."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from spallm_ext import SketchedLinear
-from spallm_ext.sketch import (SketchConfig, _decode_groups, hessian_sketch, output_error, prepare_hessian,
+from spallm_ext.sketch import (SketchConfig, _decode_groups, hessian_sketch, prepare_hessian,
                                refit_lut)
 from conftest import DEVICES
 
@@ -141,12 +143,14 @@ def test_deterministic_for_a_seed():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bitwise_repeatable_in_deterministic_mode(device, monkeypatch):
+def test_bitwise_repeatable_in_deterministic_mode(device):
     """Under torch.use_deterministic_algorithms(True) every stage runs without float atomics
     (the Lloyd means' scatter_add included), so two sketches on one device are bit for bit equal;
     on CUDA this is the documented way to repeatable sketches. Rows are given many equal weights,
     whose cluster sums are where a different summation order would show."""
-    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # torch asks for it with cuBLAS
+    # CUBLAS_WORKSPACE_CONFIG, which torch asks for with cuBLAS, is set by conftest (torch reads it
+    # at the process's first cuBLAS call, too early for a monkeypatch here)
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     w, h, _ = _problem(n=96, k=256, seed=12, device=device)
     w = torch.round(w * 200) / 200
     before = torch.are_deterministic_algorithms_enabled()
