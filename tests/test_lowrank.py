@@ -10,7 +10,7 @@ import spallm_ext
 from spallm_ext import LowRankSketchedLinear, SketchedLinear, reference
 from spallm_ext.lowrank import eora_fit, lowrank_sketch, relative_error
 
-from conftest import (ALL_BITS, DEVICES, REL_TOL, act_lut_dtype_params, assert_close_rel,
+from conftest import (ALL_BITS, DEVICES, act_lut_dtype_params, assert_close_rel,
                       assert_opcheck_passes, make_sketch, odd_in_features, randn)
 
 ops = torch.ops.spallm

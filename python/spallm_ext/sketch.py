@@ -415,7 +415,7 @@ def refit_lut(weight: Tensor, codes: Tensor, lut: Tensor, hessian: Tensor, *,
 def _sort_lut(codes: Tensor, lut: Tensor) -> tuple[Tensor, Tensor]:
     """Sort each (row, group) LUT ascending and remap the codes to match."""
     n, k = codes.shape
-    g, kk = lut.shape[1], lut.shape[2]
+    g = lut.shape[1]
     sorted_lut, order = lut.sort(dim=2)
     inv = order.argsort(dim=2)                                    # old index -> new index
     c = codes.reshape(n, g, k // g)
