@@ -17,7 +17,7 @@ from spallm_ext import SketchedLinear, kernels, ops, reference
 from spallm_ext.adapters import sketched_modules
 from spallm_ext.models import tiny_llama
 
-from conftest import DEVICES, assert_close_rel, randn
+from conftest import DEVICES, HAS_CUDA, assert_close_rel, randn
 from sketched_models import TINY, lut_grads, lut_only, tiny_sketched_llama, token_batch
 
 
@@ -37,17 +37,24 @@ def restore_deterministic():
 # --- deterministic mode ------------------------------------------------------------------------
 
 class _RecordLutGrad(TorchDispatchMode):
-    """Records the `deterministic` argument of every spallm::lut_grad call (backward included)."""
+    """Records the `deterministic` argument of every spallm::lut_grad call (backward included) and,
+    for spallm ops on CUDA, (op, the path it ran). The plan is read in the thread that ran the op:
+    a CUDA backward runs on autograd's device thread, whose last_cuda_plan() is not the caller's."""
 
     def __init__(self):
         super().__init__()
         self.flags = []
+        self.cuda_paths = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.ops.spallm.lut_grad.default:
             self.flags.append(bool(args[7]) if len(args) > 7 else bool(kwargs.get("deterministic", False)))
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        name = func._schema.name
+        if name.startswith("spallm::") and isinstance(out, torch.Tensor) and out.is_cuda:
+            self.cuda_paths.append((name.removeprefix("spallm::"), kernels.last_cuda_plan().split()[0]))
+        return out
 
 
 def test_deterministic_switches_reach_the_backward(restore_deterministic):
@@ -94,12 +101,15 @@ def test_deterministic_lut_grads_bit_identical(device, switch, restore_determini
     runs = []
     for _ in range(3):
         layer.zero_grad(set_to_none=True)
-        layer(x).square().sum().backward()
-        with spallm_ext.use_adapters(layer, idx):
+        with _RecordLutGrad() as rec:
             layer(x).square().sum().backward()
+            with spallm_ext.use_adapters(layer, idx):
+                layer(x).square().sum().backward()
         runs.append((layer.lut.grad.clone(), layer.lut_stack.grad.clone()))
-        if cuda:  # the last kernel of the backward: lut_grad's
-            assert kernels.last_cuda_plan().startswith("mma"), kernels.last_cuda_plan()
+        assert rec.flags and all(rec.flags)
+        if cuda:
+            grads = [path for op, path in rec.cuda_paths if op == "lut_grad"]
+            assert grads and set(grads) == {"mma"}, rec.cuda_paths
     for lut_g, stack_g in runs[1:]:
         assert torch.equal(lut_g, runs[0][0]) and torch.equal(stack_g, runs[0][1])
     y = layer(x).detach()
@@ -269,6 +279,35 @@ def test_lut_only_finetune_loss_falls(device):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
+    assert losses[-1] < 0.92 * losses[0], losses
+    assert min(losses[-5:]) < min(losses[:5]), losses
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+def test_lut_only_finetune_on_tensor_cores_cuda():
+    """The short fine-tune at shapes the tensor-core kernels take (groups of 128 and 256 columns,
+    128 tokens) under bf16 autocast: the forward, dx and LUT gradients run on the mma kernels, and
+    the loss falls as it does on the exact kernels."""
+    model = tiny_sketched_llama(seed=0, hidden_size=256, intermediate_size=512).cuda().train()
+    params = lut_only(model)
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    ids = token_batch(8, 16, seed=0).cuda()
+    losses = []
+    for step in range(20):
+        opt.zero_grad(set_to_none=True)
+        with _RecordLutGrad() as rec:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(ids, labels=ids).loss
+            loss.backward()
+        if step == 0:
+            ran = set(rec.cuda_paths)
+            assert {op for op, _ in ran} == {"lut_linear", "lut_linear_dx", "lut_grad"}, ran
+            assert {path for _, path in ran} == {"mma"}, ran
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+    assert all(p.dtype == torch.float32 for p in params)
     assert losses[-1] < 0.92 * losses[0], losses
     assert min(losses[-5:]) < min(losses[:5]), losses
 
