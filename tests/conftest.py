@@ -8,8 +8,10 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+from pathlib import Path
 
 # torch reads this once per process, at its first cuBLAS call: a test that turns deterministic
 # algorithms on (test_sketch_hessian) needs it set before any other test touches cuBLAS.
@@ -149,3 +151,15 @@ def assert_opcheck_passes(result: dict) -> None:
     assert result, "opcheck ran no test"
     bad = {k: v for k, v in result.items() if v != "SUCCESS"}
     assert not bad, bad
+
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load_bench(name: str):
+    """A fresh instance of the script bench/<name>.py as a module (its main() takes argv); the
+    scripts put bench/ on sys.path themselves for their sibling modules."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -4,22 +4,13 @@ times agree with the reference, and the JSON written after each shape survives a
 part-way (as one cut off by the GPU machine's time limit does)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_forward", BENCH / "bench_forward.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_bench
 
 
 def rows_of(res):
@@ -35,7 +26,7 @@ def one_thread():
 
 
 def test_cpu_smoke(tmp_path, one_thread):
-    bench = _load()
+    bench = load_bench("bench_forward")
     out = tmp_path / "forward.json"
     bench.main(["--cpu-smoke", "--bits", "4", "2", "--out", str(out)])
     res = json.loads(out.read_text())
@@ -62,7 +53,7 @@ def test_cpu_smoke(tmp_path, one_thread):
 
 def test_partial_results_survive_a_cut_off_run(tmp_path, one_thread, monkeypatch):
     """The results of the shapes finished before the run stops are on disk, marked partial."""
-    bench = _load()
+    bench = load_bench("bench_forward")
     out = tmp_path / "forward.json"
     calls = []
     real = bench.random_sketch
@@ -85,7 +76,7 @@ def test_partial_results_survive_a_cut_off_run(tmp_path, one_thread, monkeypatch
 
 
 def test_shapes_argument(tmp_path, one_thread):
-    bench = _load()
+    bench = load_bench("bench_forward")
     out = tmp_path / "forward.json"
     bench.main(["--cpu-smoke", "--shapes", "24x64", "--ms", "2", "--bits", "3", "--groups", "2",
                 "--adapters", "--out", str(out)])

@@ -3,25 +3,16 @@ at tiny shapes on the CPU, writes the documented schema, and the op it times agr
 unfused baseline it is compared with."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_lowrank", BENCH / "bench_lowrank.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_bench
 
 
 def test_cpu_smoke(tmp_path):
-    bench = _load()
+    bench = load_bench("bench_lowrank")
     out = tmp_path / "lowrank.json"
     threads = torch.get_num_threads()
     try:

@@ -3,20 +3,15 @@ shapes on the GPU machine): at SmolLM2's shapes it sketches every projection of 
 reports each layer's error, and extrapolates the whole model from the blocks it timed."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
+from conftest import load_bench
 
 def test_smollm2_shapes_on_cpu(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_sketch", BENCH / "bench_sketch.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_sketch")
     out = tmp_path / "sketch.json"
     threads = torch.get_num_threads()
     try:

@@ -7,10 +7,8 @@ path computes the same LUT gradients as spallm's fused ops: the baseline must be
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,21 +16,16 @@ import torch
 import spallm_ext
 from spallm_ext import reference
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from conftest import load_bench
+
 CPU_IMPLS = ["dense_bf16", "spallm", "sketchtune_ref"]
 MS = [16, 32]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # bench_train puts bench/ on sys.path for its sibling modules
-    return mod
-
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    bench_train = _load("bench_train")
+    bench_train = load_bench("bench_train")
     out = tmp_path_factory.mktemp("bench_train") / "train.json"
     threads = torch.get_num_threads()
     try:
@@ -91,7 +84,7 @@ def test_baseline_grads_match_spallm(results):
 
 def test_sketchtune_ref_linear_against_reference():
     """One SketchTuneRefLinear against spallm_ext.reference (fp64 decode, dW and scatter)."""
-    _load("bench_train")
+    load_bench("bench_train")
     import sketchtune_ref  # noqa: E402  (bench/ is on sys.path now)
 
     torch.manual_seed(0)
@@ -122,7 +115,7 @@ def test_a_failing_impl_is_recorded_and_the_others_still_run(tmp_path, monkeypat
     """An impl whose block cannot be built or stepped (bitsandbytes without kernels for the GPU, a
     kernel error) becomes a `skipped` entry with the error; the rows of the others are kept, and
     the file on disk after the first impl already holds that impl's rows."""
-    bench_train = _load("bench_train")
+    bench_train = load_bench("bench_train")
     out = tmp_path / "train.json"
     real_build, real_step = bench_train.build, bench_train.make_step
     seen = []
