@@ -163,3 +163,13 @@ def load_bench(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: on a shared 2-core machine OpenMP teams of 2 can stall
+    for hundreds of milliseconds, which the benchmark smoke tests would otherwise wait out."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

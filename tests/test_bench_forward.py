@@ -8,21 +8,12 @@ import json
 import math
 
 import pytest
-import torch
 
 from conftest import load_bench
 
 
 def rows_of(res):
     return {(r["impl"], r["M"]) for r in res["rows"]}
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_cpu_smoke(tmp_path, one_thread):

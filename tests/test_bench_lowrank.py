@@ -6,20 +6,14 @@ from __future__ import annotations
 import json
 import math
 
-import torch
 
 from conftest import load_bench
 
 
-def test_cpu_smoke(tmp_path):
+def test_cpu_smoke(tmp_path, one_thread):
     bench = load_bench("bench_lowrank")
     out = tmp_path / "lowrank.json"
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        bench.main(["--cpu-smoke", "--bits", "2", "4", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
+    bench.main(["--cpu-smoke", "--bits", "2", "4", "--out", str(out)])
     res = json.loads(out.read_text())
     for key in ("device", "torch", "commit", "rows", "lowrank_dtype", "cpu_smoke"):
         assert key in res, key

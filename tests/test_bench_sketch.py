@@ -6,20 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from conftest import load_bench
 
-def test_smollm2_shapes_on_cpu(tmp_path):
+def test_smollm2_shapes_on_cpu(tmp_path, one_thread):
     bench = load_bench("bench_sketch")
     out = tmp_path / "sketch.json"
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert bench.main(["--device", "cpu", "--shape", "smollm2", "--blocks", "2", "--tokens", "256",
-                           "--no-refit", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert bench.main(["--device", "cpu", "--shape", "smollm2", "--blocks", "2", "--tokens", "256",
+                       "--no-refit", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     for key in ("device", "torch", "commit", "config", "rows", "per_block_s", "model_estimate_s"):
         assert key in res, key
