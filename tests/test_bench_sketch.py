@@ -9,6 +9,7 @@ import pytest
 
 from conftest import load_bench
 
+
 def test_smollm2_shapes_on_cpu(tmp_path, one_thread):
     bench = load_bench("bench_sketch")
     out = tmp_path / "sketch.json"
