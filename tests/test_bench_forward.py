@@ -65,7 +65,6 @@ def test_partial_results_survive_a_cut_off_run(tmp_path, one_thread, monkeypatch
     assert all((r["N"], r["K"]) == (n, k) for r in res["rows"])
 
 
-
 def test_shapes_argument(tmp_path, one_thread):
     bench = load_bench("bench_forward")
     out = tmp_path / "forward.json"

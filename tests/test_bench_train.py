@@ -22,7 +22,6 @@ CPU_IMPLS = ["dense_bf16", "spallm", "sketchtune_ref"]
 MS = [16, 32]
 
 
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     bench_train = load_bench("bench_train")
