@@ -37,10 +37,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import parse_shapes, random_sketch, rel_err, timer, write_results  # noqa: E402
+from common import random_sketch, rel_err, timer, write_results  # noqa: E402
 
 import spallm_ext  # noqa: E402
 from spallm_ext import kernels, reference  # noqa: E402
+from spallm_ext.tuning import parse_shapes  # noqa: E402
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 # Peak HBM bandwidth (GB/s, vendor figures) for the hbm_fraction column; others default to H100 SXM.

@@ -134,17 +134,6 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """'4096x4096,1024x4096' -> [(4096, 4096), (1024, 4096)] (out_features x in_features)."""
-    try:
-        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s]
-    except ValueError:
-        shapes = []
-    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
-        raise ValueError(f"--shapes: expected NxK[,NxK...] with positive sizes, got {text!r}")
-    return shapes
-
-
 def write_results(path: str | os.PathLike, device: str, rows: list[dict], **extra) -> None:
     """The results JSON: metadata(device), ``extra`` fields, then ``rows``. Long GPU sweeps call it
     after every shape with ``partial=True`` so a run cut off by the machine's time limit still

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     from spallm_ext import tuning
 
-    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else None
+    shapes = tuning.parse_shapes(a.shapes) if a.shapes else None
     tokens = [int(v) for v in a.tokens.split(",")] if a.tokens else None
     result = tuning.tune(a.device, shapes=shapes, tokens=tokens, bits=a.bits, groups_per_row=a.groups,
                          budget_ms=a.budget_ms, apply=False)

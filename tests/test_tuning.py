@@ -321,3 +321,10 @@ def test_tune_cuda_small():
         y = torch.ops.spallm.lut_linear(x, codes, lut)
         ref = reference.lut_linear(x.double().cpu(), codes.cpu(), lut.bfloat16().double().cpu())
         torch.testing.assert_close(y.double().cpu(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_parse_shapes():
+    assert tuning.parse_shapes("4096x4096, 14336X4096,") == [(4096, 4096), (14336, 4096)]
+    for bad in ("", "64x", "0x64", "64x64x2", "axb", ","):
+        with pytest.raises(ValueError, match="OUTxIN"):
+            tuning.parse_shapes(bad)

@@ -247,11 +247,9 @@ def cmd_tune(a) -> int:
     shapes = None
     if a.shapes:
         try:
-            shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes.split(",") if s.strip()]
-        except ValueError:
-            shapes = [()]
-        if not shapes or any(len(s) != 2 for s in shapes):
-            raise CliError(f"--shapes must look like 4096x4096,14336x4096 (OUTxIN), got {a.shapes!r}")
+            shapes = tuning.parse_shapes(a.shapes)
+        except ValueError as e:
+            raise CliError(f"--{e}") from None
     tokens = _int_list(a.tokens, "tokens") if a.tokens else None
     bits, groups = a.bits, a.groups
     if a.sketch:

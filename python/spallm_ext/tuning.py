@@ -49,6 +49,18 @@ FORMAT = "spallm_ext.tuning/1"
 CUDA_SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
 CUDA_TOKENS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096)
 CPU_SHAPES = ((2048, 2048),)
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'4096x4096,14336x4096' -> [(4096, 4096), (14336, 4096)]: layer shapes as OUTxIN, the form
+    `spallm-ext tune --shapes` and the benchmarks take them in."""
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s.strip()]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise ValueError(f"shapes must look like 4096x4096,14336x4096 (OUTxIN, positive), got {text!r}")
+    return shapes
 CPU_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
