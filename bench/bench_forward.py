@@ -178,8 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
                         info = checked(fa, reference.lut_linear(x.float(), codes, stack.float(), None, index))
                         emit("spallm", m, n, k, bits, gpr, timed(fa), nbytes + (a - 1) * lut.numel() * 4,
                              base["median_us"], adapters=a, **info)
-        last = done == len(shapes) - 1
-        write_results(args.out, dev, rows, **extra, **({} if last else {"partial": True}),
+        write_results(args.out, dev, rows, partial=done < len(shapes) - 1, **extra,
                       shapes_done=[list(s) for s in shapes[:done + 1]])
     return {**extra, "rows": rows}
 

@@ -115,8 +115,7 @@ def main(argv=None) -> dict:
                             emit("spallm_lowrank_tgemm", m, n, k, bits, g, r,
                                  timed(lambda: spallm_ext.lut_linear_lowrank(x, codes, lut, l1, l2)), base, plain)
         # Rewritten after every shape, so a run cut off by the machine's limit keeps what it measured.
-        last = done == len(shapes) - 1
-        write_results(args.out, dev, rows, **out, **({} if last else {"partial": True}),
+        write_results(args.out, dev, rows, partial=done < len(shapes) - 1, **out,
                       shapes_done=[list(s) for s in shapes[:done + 1]])
     return {**out, "rows": rows}
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import metadata  # noqa: E402
+from common import write_results  # noqa: E402
 
 SHAPES = {  # name: (hidden, intermediate, kv_dim, blocks)
     "llama3-8b": (4096, 14336, 1024, 32),
@@ -108,13 +107,9 @@ def main(argv=None) -> int:
             del w, res
         # Rewritten after every block (partial until the last), so a run cut off keeps its blocks.
         per_block = t_all / (b + 1)
-        out = {**metadata(str(dev)), "shape": args.shape, "config": cfg.to_dict(),
-               "blocks_timed": b + 1, "per_block_s": per_block, "model_blocks": nblocks,
-               "model_estimate_s": per_block * nblocks, "warmup": "untimed 64-row sketch per input width",
-               **({} if b == args.blocks - 1 else {"partial": True}), "rows": rows}
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(out, f, indent=1)
+        write_results(path, str(dev), rows, partial=b < args.blocks - 1, shape=args.shape, config=cfg.to_dict(),
+                      blocks_timed=b + 1, per_block_s=per_block, model_blocks=nblocks,
+                      model_estimate_s=per_block * nblocks, warmup="untimed 64-row sketch per input width")
     print(f"per block {per_block:.2f} s -> {nblocks} blocks ~ {per_block * nblocks / 60:.1f} min "
           f"(sketching only, calibration forwards excluded)")
     return 0

@@ -281,6 +281,12 @@ def print_row(r: dict) -> None:
           flush=True)
 
 
+def _error(e: Exception) -> str:
+    """A skipped entry's reason for an unexpected error (its traceback goes to the log)."""
+    traceback.print_exc()
+    return f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.json"))
@@ -328,8 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
             except (Skip, torch.cuda.OutOfMemoryError) as e:
                 why = str(e).splitlines()[0]
             except Exception as e:  # noqa: BLE001  (e.g. bitsandbytes imports but has no kernels for this GPU)
-                traceback.print_exc()
-                why = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                why = _error(e)
             if why is not None:
                 skipped.append({"impl": impl, "block": kind, "reason": why})
                 print(f"skip {impl} ({kind}): {why}", flush=True)
@@ -349,8 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
                 except torch.cuda.OutOfMemoryError as e:
                     why = "out of memory: " + str(e).splitlines()[0]
                 except Exception as e:  # noqa: BLE001  (one failing impl must not lose the other rows)
-                    traceback.print_exc()
-                    why = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    why = _error(e)
                 # Outside the except clause, so the traceback's frames (holding the step's
                 # activations) are gone before the memory is released.
                 if why is not None:

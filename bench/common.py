@@ -134,11 +134,12 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def write_results(path: str | os.PathLike, device: str, rows: list[dict], **extra) -> None:
+def write_results(path: str | os.PathLike, device: str, rows: list[dict], *, partial: bool = False,
+                  **extra) -> None:
     """The results JSON: metadata(device), ``extra`` fields, then ``rows``. Long GPU sweeps call it
-    after every shape with ``partial=True`` so a run cut off by the machine's time limit still
-    leaves what it measured."""
-    out = {**metadata(device), **extra, "rows": rows}
+    as they go with ``partial=True`` (written as `"partial": true`, absent from the final file), so
+    a run cut off by the machine's time limit still leaves what it measured."""
+    out = {**metadata(device), **({"partial": True} if partial else {}), **extra, "rows": rows}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
